@@ -1,0 +1,223 @@
+"""citadeld: one asyncio loop running the supervisor, the control socket and the exporter.
+
+Signal handlers only queue the signal; the main loop dispatches it
+(SIGTERM/SIGINT stop, SIGHUP reloads, SIGCHLD reaps adopted orphans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from loguru import logger
+
+from . import __version__
+from .cgroups import CgroupTree
+from .control.access import AccessPolicy
+from .control.server import ControlServer
+from .config import CitadelConfig, ConfigError, ConfigIssue, load_config
+from .events import EventBus, WorkerEvent
+from .health import BUILTIN_KINDS
+from .masking import masker
+from .plugins import PluginRegistry, load_plugins
+from .process import become_subreaper, children
+from .statefile import StateFile
+from .supervisor import Supervisor
+from .systemd import Notifier
+from .worker import WorkerRuntime
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def disabled_plugins(path: Path) -> list[str]:
+    """``[plugins] disable`` read ahead of validation (plugins load before the config does)."""
+    try:
+        with path.open("rb") as fh:
+            disable = tomllib.load(fh).get("plugins", {}).get("disable", [])
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return []
+    return [d for d in disable if isinstance(d, str)] if isinstance(disable, list) else []
+
+
+def load_validated(path: Path, registry: PluginRegistry) -> CitadelConfig:
+    """Load and validate the config with every plugin's types, sections and checks."""
+    service_types = registry.service_types()
+    sections = registry.collect_named("citadel_config_sections", "config section")
+    config = load_config(path, {n: t.config_model for n, t in service_types.items()}, sections)
+    issues: list[ConfigIssue] = []
+    for _, found in registry.call_each("citadel_check_config", config=config):
+        issues.extend(found)
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+def check_log_dir(path: Path) -> None:
+    """Create the log folder and prove it writable; raise ``OSError`` naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".citadel-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"daemon.log_dir {path} is not writable: {exc.strerror}") from None
+
+
+class Daemon:
+    """The running citadeld."""
+
+    def __init__(self, config_path: Path, config: CitadelConfig, registry: PluginRegistry):
+        self.config_path = config_path
+        self.config = config
+        self.plugins = registry
+        self.events = EventBus(self._on_event)
+        self.notifier = Notifier()
+        self.supervisor: Supervisor = None  # type: ignore[assignment]  # set in run()
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._reload_lock = asyncio.Lock()
+        self._routes: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        self.plugins.call_each("citadel_worker_event", event=event)
+        if event.kind == "state":
+            self.notifier.status(self.supervisor.summary())
+
+    def extra_routes(self) -> list[tuple[str, Callable[..., Awaitable[Any]]]]:
+        """GET routes other parts (health, GPUs) add to the control API."""
+        return list(self._routes)
+
+    def add_route(self, path: str, handler: Callable[..., Awaitable[Any]]) -> None:
+        """Add a read-only GET route to the control API (before it starts)."""
+        self._routes.append((path, handler))
+
+    # -- actions from the control API ----------------------------------------
+
+    async def act(self, action: str, names: list[str], everything: bool, wait: bool = False,
+                  rolling: bool = False) -> dict[str, Any]:
+        """Start, stop or restart workers; with ``wait``, until they settled."""
+        sup = self.supervisor
+        workers = list(sup.workers.values()) if everything else sup.resolve(names)
+        if action == "start":
+            if wait:
+                await sup.start_workers(workers)
+            else:
+                for w in workers:
+                    w.start()
+        elif action == "stop":
+            if wait:
+                await sup.stop_workers(workers)
+            else:
+                for w in workers:
+                    w.stop()
+        elif action == "restart":
+            if wait or rolling:
+                await sup.restart_workers(workers, rolling=rolling)
+            else:
+                for w in workers:
+                    w.restart()
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return {"workers": [w.to_json() for w in workers]}
+
+    async def reload(self) -> tuple[bool, dict[str, Any]]:
+        """Reload the config file; on error nothing changes. One reload at a time."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> tuple[bool, dict[str, Any]]:
+        self.notifier.reloading()
+        try:
+            new = load_validated(self.config_path, self.plugins)
+        except ConfigError as exc:
+            logger.error("reload failed, nothing changed:\n{}", exc)
+            self.notifier.status(f"reload failed; {self.supervisor.summary()}")
+            self.notifier.notify("READY=1")
+            return False, {"error": str(exc), "issues": [str(i) for i in exc.issues]}
+        masker.add_secrets(new.secrets)
+        if new.daemon != self.config.daemon or new.exporter != self.config.exporter:
+            logger.warning("changes to [daemon] and [exporter] take effect when citadeld restarts")
+        self.config = new
+        result = await self.supervisor.reload(new)
+        logger.info("reloaded: added {}, removed {}, changed {}",
+                    result.added or "none", result.removed or "none", result.changed or "none")
+        self.notifier.ready(self.supervisor.summary())
+        return True, result.to_json()
+
+    # -- running ----------------------------------------------------------------
+
+    def _queue_signal(self, signum: int) -> None:
+        self._signals.put_nowait(signum)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if not interval:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT; the exit code."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        become_subreaper()
+        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        check_log_dir(cfg.daemon.log_dir)
+        state_file = StateFile(cfg.daemon.state_dir / "workers.json")
+        state_file.stop_leftovers()
+        cgroup_tree = CgroupTree.detect() if cfg.daemon.cgroups == "auto" else None
+        logger.info("citadeld {} starting (pid {}); workers get {}", __version__, os.getpid(),
+                    f"cgroups under {cgroup_tree.base}" if cgroup_tree else "process groups")
+        probe_kinds = {**BUILTIN_KINDS, **self.plugins.collect_named("citadel_probe_kinds", "probe kind")}
+        async with aiohttp.ClientSession() as session:
+            runtime = WorkerRuntime(session=session, plugins=self.plugins, events=self.events,
+                                    state_file=state_file, probe_kinds=probe_kinds,
+                                    cgroup_tree=cgroup_tree)
+            self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime)
+            control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
+                                    AccessPolicy.from_groups(cfg.daemon.control_groups, cfg.daemon.read_groups))
+            await control.start()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                loop.add_signal_handler(signum, self._queue_signal, signum)
+            watchdog = loop.create_task(self._watchdog())
+            starting = loop.create_task(self.supervisor.start())
+            starting.add_done_callback(lambda _: self.notifier.ready(self.supervisor.summary()))
+            self.plugins.call_each("citadel_daemon_started", supervisor=self.supervisor)
+            try:
+                await self._dispatch_signals()
+            finally:
+                logger.info("stopping all workers")
+                self.notifier.stopping()
+                self.plugins.call_each("citadel_daemon_stopping", supervisor=self.supervisor)
+                starting.cancel()
+                await self.supervisor.shutdown()
+                watchdog.cancel()
+                for closer in reversed(self._closers):
+                    await closer()
+                await control.close()
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    loop.remove_signal_handler(signum)
+        logger.info("citadeld stopped")
+        return 0
+
+    async def _dispatch_signals(self) -> None:
+        while True:
+            signum = await self._signals.get()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                logger.info("received {}", signal.Signals(signum).name)
+                return
+            if signum == signal.SIGHUP:
+                logger.info("received SIGHUP: reloading {}", self.config_path)
+                asyncio.get_running_loop().create_task(self.reload())
+            elif signum == signal.SIGCHLD:
+                children.reap_orphans()

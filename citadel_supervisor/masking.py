@@ -1,0 +1,117 @@
+"""The one masking step that keeps secrets out of logs, errors and answers.
+
+Every daemon log record, every captured worker line, every error message,
+every control API answer and ``citadelctl``'s output passes through
+``SecretMasker.mask`` (or ``mask_bytes`` for raw worker output).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Mapping
+
+MASK = "****"
+
+#: Environment variable names whose values are secrets.
+SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+# Shortest value worth masking literally: masking "1" would shred every log.
+_MIN_SECRET_LEN = 4
+
+# (pattern, replacement) pairs; each keeps the part that says what was masked.
+_PATTERNS: list[tuple[str, str]] = [
+    (r"hf_[A-Za-z0-9]{6,}", "hf_" + MASK),
+    (r"sk-[A-Za-z0-9_\-]{6,}", "sk-" + MASK),
+    (r"(?i)(authorization\s*[:=]\s*(?:bearer|basic|token)\s+)[^\s'\",]+", r"\1" + MASK),
+    (r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=\-]{6,}", r"\1" + MASK),
+    (
+        r"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?)"
+        r"[^\s'\",&;]+",
+        r"\1" + MASK,
+    ),
+    (r"(://[^/\s:@]+:)[^/\s@]+@", r"\1" + MASK + "@"),
+]
+# A cheap substring test per pattern: most text contains none of these, and a
+# substring search is far faster than running the regex over a 64 KiB chunk.
+_HINTS = ("hf_", "sk-", "uthorization", "earer", "", "@")
+
+
+def is_secret_name(name: str) -> bool:
+    """Return True when an environment variable's name marks its value secret."""
+    upper = name.upper()
+    return any(part in upper for part in SECRET_NAME_PARTS)
+
+
+class SecretMasker:
+    """Replaces known secret values and secret-looking patterns with ``****``.
+
+    Thread-safe to update; reads take a snapshot of the compiled state.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self._literal_re: re.Pattern[str] | None = None
+        self._literal_re_b: re.Pattern[bytes] | None = None
+        self._patterns = [(re.compile(p), r) for p, r in _PATTERNS]
+        self._patterns_b = [(re.compile(p.encode()), r.encode()) for p, r in _PATTERNS]
+
+    def add_secret(self, value: str | None) -> None:
+        """Mask this exact value from now on (short values are ignored)."""
+        if not value or len(value) < _MIN_SECRET_LEN:
+            return
+        with self._lock:
+            if value in self._secrets:
+                return
+            self._secrets.add(value)
+            self._compile()
+
+    def add_secrets(self, values: Iterable[str]) -> None:
+        """Mask each of these values from now on."""
+        for value in values:
+            self.add_secret(value)
+
+    def add_env(self, env: Mapping[str, str]) -> None:
+        """Mask the values of the variables whose names mark them secret."""
+        self.add_secrets(v for k, v in env.items() if is_secret_name(k))
+
+    def clear(self) -> None:
+        """Forget every literal secret (the patterns stay)."""
+        with self._lock:
+            self._secrets.clear()
+            self._compile()
+
+    def _compile(self) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        ordered = sorted(self._secrets, key=len, reverse=True)
+        if not ordered:
+            self._literal_re = self._literal_re_b = None
+            return
+        alternation = "|".join(re.escape(s) for s in ordered)
+        self._literal_re = re.compile(alternation)
+        self._literal_re_b = re.compile(alternation.encode())
+
+    def mask(self, text: str) -> str:
+        """Return ``text`` with every secret and secret-looking pattern masked."""
+        literal = self._literal_re
+        if literal is not None:
+            text = literal.sub(MASK, text)
+        for (pattern, repl), hint in zip(self._patterns, _HINTS):
+            if hint in text:
+                text = pattern.sub(repl, text)
+        return text
+
+    def mask_bytes(self, data: bytes) -> bytes:
+        """Like ``mask``, on raw bytes (worker output), without decoding."""
+        literal = self._literal_re_b
+        if literal is not None:
+            data = literal.sub(MASK.encode(), data)
+        for (pattern, repl), hint in zip(self._patterns_b, _HINTS):
+            if hint.encode() in data:
+                data = pattern.sub(repl, data)
+        return data
+
+
+#: The daemon's one masker; the config loader fills it with secret values.
+masker = SecretMasker()

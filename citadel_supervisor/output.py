@@ -1,0 +1,252 @@
+"""Worker output: read from pipes without blocking, to a rotated file, a ring and the log.
+
+Each worker's stdout and stderr are read by the event loop as they become
+readable, in chunks, never line by line, so a worker writing as fast as it
+can costs the loop a few short callbacks per 64 KiB. Every complete line is
+masked, appended to ``log_dir/NAME.log`` (rotated by size), kept in a ring
+of recent lines, and forwarded to the daemon's log at a bounded rate; the
+lines over the rate are counted and reported as "N lines suppressed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+from loguru import logger
+
+from .logs import escape_control
+from .masking import masker
+
+_READ_SIZE = 65536
+# A "line" longer than this is cut, so one endless line cannot grow memory.
+_MAX_LINE = 65536
+
+
+class RotatingFile:
+    """An append-only byte file rotated by size, keeping ``backups`` old files.
+
+    Write errors (a full disk) never raise: the lines are counted as dropped
+    and the file is retried on the next write.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.dropped_lines = 0
+        self._fh: int | None = None
+        self._size = 0
+
+    def _open(self) -> int:
+        if self._fh is None:
+            self._fh = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._size = os.fstat(self._fh).st_size
+        return self._fh
+
+    def write(self, data: bytes, lines: int) -> None:
+        """Append ``data`` (``lines`` lines of it), rotating first if it would overflow."""
+        try:
+            fh = self._open()
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+                fh = self._open()
+            os.write(fh, data)
+            self._size += len(data)
+        except OSError:
+            self.dropped_lines += lines
+            self.close()
+
+    def _rotate(self) -> None:
+        self.close()
+        if self.backups == 0:
+            os.truncate(self.path, 0)
+            return
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def close(self) -> None:
+        """Close the file (it reopens on the next write)."""
+        if self._fh is not None:
+            try:
+                os.close(self._fh)
+            except OSError:
+                pass
+            self._fh = None
+
+
+class RateLimiter:
+    """A token bucket of lines per second, with a burst of ``4 x rate``."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.burst = max(rate * 4, 1.0)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def take(self, wanted: int) -> int:
+        """How many of ``wanted`` lines may pass now."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+class WorkerOutput:
+    """One worker's captured output, across all its restarts."""
+
+    def __init__(
+        self,
+        worker: str,
+        service: str,
+        log_dir: Path | None,
+        max_bytes: int = 10 * 1024 * 1024,
+        backups: int = 5,
+        ring_lines: int = 1000,
+        forward_rate: float = 50.0,
+    ):
+        self.worker = worker
+        self.service = service
+        self.file = RotatingFile(log_dir / f"{worker}.log", max_bytes, backups) if log_dir else None
+        self.ring: deque[bytes] = deque(maxlen=ring_lines)
+        self.limiter = RateLimiter(forward_rate)
+        self.suppressed = 0
+        self.total_lines = 0
+        self._partial: dict[int, bytes] = {}
+        self._open: set[int] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._followers: set[asyncio.Queue[str | None]] = set()
+        self._log = logger.bind(worker=worker, service=service)
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    # -- reading ------------------------------------------------------------
+
+    def attach(self, fds: Iterable[int]) -> None:
+        """Start reading these pipe fds; they are closed at end of file."""
+        loop = asyncio.get_running_loop()
+        for fd in fds:
+            os.set_blocking(fd, False)
+            self._open.add(fd)
+            self._partial[fd] = b""
+            loop.add_reader(fd, self._on_readable, fd)
+        self._drained.clear()
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_fd(fd)
+            return
+        buf = self._partial[fd] + data
+        cut = buf.rfind(b"\n")
+        if cut < 0:
+            if len(buf) < _MAX_LINE:
+                self._partial[fd] = buf
+                return
+            buf += b"\n"
+            cut = len(buf) - 1
+        self._partial[fd] = buf[cut + 1:]
+        self._take(buf[: cut + 1])
+
+    def _close_fd(self, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        rest = self._partial.pop(fd, b"")
+        if rest:
+            self._take(rest + b"\n")
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self._open.discard(fd)
+        if not self._open:
+            self._drained.set()
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (bounded) until every attached pipe reached end of file."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def detach(self) -> None:
+        """Stop reading (the pipes' remaining holders are gone or ignored)."""
+        for fd in list(self._open):
+            self._close_fd(fd)
+
+    # -- one chunk of complete lines ----------------------------------------
+
+    def _take(self, chunk: bytes) -> None:
+        chunk = masker.mask_bytes(chunk)
+        lines = chunk.split(b"\n")
+        lines.pop()  # the chunk ends with a newline
+        count = len(lines)
+        self.total_lines += count
+        if self.file is not None:
+            self.file.write(chunk, count)
+        self.ring.extend(lines)
+        if self._followers:
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                for queue in list(self._followers):
+                    if queue.qsize() < 10000:
+                        queue.put_nowait(text)
+        granted = self.limiter.take(count)
+        for line in lines[:granted]:
+            self._log.info(escape_control(line.decode("utf-8", "replace")))
+        if granted < count:
+            self.suppressed += count - granted
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(1.0, self.flush_suppressed)
+
+    def flush_suppressed(self) -> None:
+        """Log how many lines the rate limit held back since the last report."""
+        self._flush_handle = None
+        if self.suppressed:
+            self._log.warning("{} lines suppressed (rate limit); all are in the worker's log file",
+                              self.suppressed)
+            self.suppressed = 0
+
+    # -- reading back -------------------------------------------------------
+
+    def recent(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines (all the ring holds when None), already masked."""
+        lines = list(self.ring)
+        if n is not None:
+            lines = lines[-n:] if n > 0 else []
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def follow(self) -> asyncio.Queue[str | None]:
+        """A queue of every new line from now on; ``unfollow`` it when done."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._followers.add(queue)
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
+        """Stop feeding ``queue``."""
+        self._followers.discard(queue)
+
+    def close(self) -> None:
+        """Stop reading, report what was suppressed and close the file."""
+        self.detach()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self.flush_suppressed()
+        if self.file is not None:
+            self.file.close()

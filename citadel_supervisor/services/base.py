@@ -1,0 +1,77 @@
+"""What a service type is: a config model, and how to spawn and probe its workers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ..config import ProbeConfig, ProbesConfig, ServiceConfig
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who a worker is: what hooks and service types are told about it."""
+
+    name: str
+    service: str
+    replica: int
+    config: ServiceConfig
+    port: int | None = None
+    #: GPUs assigned to this worker, as NVML indices and UUIDs (empty on the CPU).
+    gpu_indices: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+
+
+@dataclass
+class SpawnSpec:
+    """How to start one worker process. Hooks may adjust it before the spawn."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    #: CPUs the worker may run on (its GPUs' NUMA node), or None for any.
+    cpu_affinity: set[int] | None = None
+
+
+class ServiceType(ABC):
+    """A kind of service (``type = "..."`` in the config), provided by a plugin."""
+
+    #: The value of ``type`` in the config.
+    name: ClassVar[str]
+    #: The model that validates a service table of this type.
+    config_model: ClassVar[type[ServiceConfig]]
+
+    @abstractmethod
+    def spawn_spec(self, worker: WorkerInfo) -> SpawnSpec:
+        """Build the argv, env and cwd for one worker of this type."""
+
+    def probes(self, worker: WorkerInfo) -> ProbesConfig:
+        """The worker's probes: its ``probes`` table, else ``health``, else the type's defaults."""
+        config = worker.config
+        probes = config.probes
+        if probes.startup or probes.liveness or probes.readiness:
+            return probes
+        if config.health is not None:
+            h = config.health
+            probe = ProbeConfig(
+                kind="http" if h.http else "tcp",
+                url=h.http,
+                address=h.tcp,
+                expect_body=h.expect_body,
+                period=h.period,
+                timeout=h.timeout,
+                failure_threshold=3,
+            )
+            return ProbesConfig(startup=probe.model_copy(update={"period": min(h.period, 0.2)}),
+                                readiness=probe)
+        return self.default_probes(worker)
+
+    def default_probes(self, worker: WorkerInfo) -> ProbesConfig:
+        """Probes used when the config gives none; none by default."""
+        return ProbesConfig()
+
+    def metrics_url(self, worker: WorkerInfo) -> str | None:
+        """The URL of the worker's own Prometheus ``/metrics``, to federate, or None."""
+        return None

@@ -1,0 +1,254 @@
+"""The supervisor: owns the workers, starts and stops them in order, reloads by diff."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from .config import CitadelConfig, ServiceConfig
+from .output import WorkerOutput
+from .services.base import ServiceType, WorkerInfo
+from .worker import Worker, WorkerRuntime, WorkerState
+
+_SETTLED = {WorkerState.STOPPED, WorkerState.FATAL}
+
+
+class UnknownWorkerError(KeyError):
+    """A name that is neither a service nor a worker."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        from .config import did_you_mean
+
+        super().__init__(name)
+        self.message = f"no service or worker named {name!r}{did_you_mean(name, known)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class ReloadResult:
+    """What a reload changed."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, list[str]]:
+        """As the control API answers it."""
+        return {"added": self.added, "removed": self.removed, "changed": self.changed,
+                "unchanged": self.unchanged}
+
+
+class Supervisor:
+    """Keeps every configured worker in the state the operator asked for."""
+
+    def __init__(self, config: CitadelConfig, service_types: dict[str, ServiceType],
+                 runtime: WorkerRuntime):
+        self.config = config
+        self.service_types = service_types
+        self.runtime = runtime
+        self.workers: dict[str, Worker] = {}
+        self._ports: dict[str, int] = {}
+
+    # -- building workers ---------------------------------------------------
+
+    def _infos(self, config: CitadelConfig) -> dict[str, WorkerInfo]:
+        infos = {}
+        for service_name, service in config.services.items():
+            for replica, name in enumerate(config.worker_names(service_name)):
+                infos[name] = WorkerInfo(name=name, service=service_name, replica=replica,
+                                         config=service, port=self._port(name, service, replica))
+        return infos
+
+    def _port(self, name: str, service: ServiceConfig, replica: int) -> int | None:
+        port = service.port_for(replica)
+        if port != 0:
+            return port
+        if name not in self._ports:  # port = 0: one from the range, kept across reloads
+            self._ports[name] = self._free_port()
+        return self._ports[name]
+
+    def _free_port(self) -> int:
+        low, high = self.config.daemon.port_range
+        taken = set(self._ports.values()) | {
+            p for s in self.config.services.values() for r in range(s.replicas)
+            if (p := s.port_for(r))
+        }
+        for port in range(low, high + 1):
+            if port in taken:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError(f"no free port in daemon.port_range {low}-{high}")
+
+    def _make_worker(self, info: WorkerInfo) -> Worker:
+        daemon = self.config.daemon
+        output = WorkerOutput(info.name, info.service, daemon.log_dir, daemon.log_max_bytes,
+                              daemon.log_backups, daemon.log_ring_lines, daemon.log_forward_rate)
+        return Worker(info, self.service_types[info.config.type], self.runtime, output)
+
+    # -- names --------------------------------------------------------------
+
+    def resolve(self, names: Iterable[str]) -> list[Worker]:
+        """Workers by worker or service name; raises ``UnknownWorkerError``."""
+        found: dict[str, Worker] = {}
+        for name in names:
+            if name in self.workers:
+                found[name] = self.workers[name]
+                continue
+            members = [w for w in self.workers.values() if w.info.service == name]
+            if not members:
+                raise UnknownWorkerError(name, list(self.workers) + list(self.config.services))
+            found.update((w.name, w) for w in members)
+        return list(found.values())
+
+    def _by_service(self, workers: Iterable[Worker]) -> dict[str, list[Worker]]:
+        grouped: dict[str, list[Worker]] = {}
+        for worker in workers:
+            grouped.setdefault(worker.info.service, []).append(worker)
+        return grouped
+
+    # -- start and stop, in order -------------------------------------------
+
+    async def start(self) -> None:
+        """Create every configured worker and start them in ``after`` order."""
+        for name, info in self._infos(self.config).items():
+            self.workers[name] = self._make_worker(info)
+        await self.start_workers(list(self.workers.values()))
+
+    async def start_workers(self, workers: list[Worker]) -> None:
+        """Start workers; each service waits for the services it comes ``after`` to settle."""
+        grouped = self._by_service(workers)
+        settled: dict[str, asyncio.Event] = {name: asyncio.Event() for name in grouped}
+
+        async def start_service(name: str, members: list[Worker]) -> None:
+            service = self.config.services[name]
+            for dep in service.after:
+                if dep in settled:
+                    await settled[dep].wait()
+            for worker in members:
+                worker.start()
+            if any(name in self.config.services[other].after for other in grouped):
+                await asyncio.gather(*(w.settled(service.startup_timeout) for w in members))
+            settled[name].set()
+
+        await asyncio.gather(*(start_service(n, m) for n, m in grouped.items()))
+
+    async def stop_workers(self, workers: list[Worker]) -> None:
+        """Stop workers in reverse ``after`` order, independent ones in parallel."""
+        grouped = self._by_service(workers)
+        stopped: dict[str, asyncio.Event] = {name: asyncio.Event() for name in grouped}
+
+        async def stop_service(name: str, members: list[Worker]) -> None:
+            for other in grouped:
+                if name in self.config.services[other].after:
+                    await stopped[other].wait()
+            for worker in members:
+                worker.stop()
+            await asyncio.gather(*(w.wait_for(_SETTLED) for w in members))
+            stopped[name].set()
+
+        await asyncio.gather(*(stop_service(n, m) for n, m in grouped.items()))
+
+    async def restart_workers(self, workers: list[Worker], rolling: bool = False) -> None:
+        """Restart workers; ``rolling`` restarts one at a time, each waiting for the last to be ready."""
+        if not rolling:
+            for worker in workers:
+                worker.restart()
+            await asyncio.gather(*(w.settled(w.info.config.startup_timeout) for w in workers))
+            return
+        for worker in workers:
+            worker.restart()
+            await worker.wait_for({WorkerState.STARTING, WorkerState.BACKOFF, WorkerState.FATAL}, 30)
+            await worker.wait_for({WorkerState.RUNNING, WorkerState.FATAL, WorkerState.STOPPED},
+                                  worker.info.config.startup_timeout)
+            if worker.state != WorkerState.RUNNING:
+                logger.error("rolling restart of {} stopped: {} is {}", worker.info.service,
+                             worker.name, worker.state.value)
+                return
+            await self._wait_ready(worker, worker.info.config.startup_timeout)
+
+    async def _wait_ready(self, worker: Worker, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not worker.ready and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def shutdown(self) -> None:
+        """Stop every worker (in reverse order) and close them."""
+        await self.stop_workers(list(self.workers.values()))
+        for worker in self.workers.values():
+            await worker.close()
+
+    # -- reload -------------------------------------------------------------
+
+    async def reload(self, new: CitadelConfig) -> ReloadResult:
+        """Apply a new, already validated config: start added services, stop removed
+        ones, restart changed ones (rolling where there are replicas), leave the rest."""
+        old = self.config
+        result = ReloadResult()
+        for name in sorted(set(old.services) | set(new.services)):
+            if name not in new.services:
+                result.removed.append(name)
+            elif name not in old.services:
+                result.added.append(name)
+            elif old.services[name] != new.services[name]:
+                result.changed.append(name)
+            else:
+                result.unchanged.append(name)
+        removed = [w for w in self.workers.values() if w.info.service in result.removed]
+        await self.stop_workers(removed)
+        for worker in removed:
+            await worker.close()
+            del self.workers[worker.name]
+            self._ports.pop(worker.name, None)
+        self.config = new
+        infos = self._infos(new)
+        # Changed services: drop replicas that are gone, restart the rest with the new config.
+        for name in result.changed:
+            current = [w for w in self.workers.values() if w.info.service == name]
+            gone = [w for w in current if w.name not in infos]
+            await self.stop_workers(gone)
+            for worker in gone:
+                await worker.close()
+                del self.workers[worker.name]
+        to_start = []
+        for name, info in infos.items():
+            if name not in self.workers:
+                self.workers[name] = worker = self._make_worker(info)
+                to_start.append(worker)
+        await self.start_workers(to_start)
+        await asyncio.gather(*(self._restart_changed(name, infos) for name in result.changed))
+        return result
+
+    async def _restart_changed(self, service: str, infos: dict[str, WorkerInfo]) -> None:
+        workers = [w for w in self.workers.values() if w.info.service == service
+                   and w.info != infos[w.name]]
+        for worker in workers:
+            info = infos[worker.name]
+            worker.info = info
+            worker.policy.config = info.config
+            worker.service_type = self.service_types[info.config.type]
+        running = [w for w in workers if w.wanted]
+        await self.restart_workers(running, rolling=len(workers) > 1)
+
+    # -- reading ------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every worker, as ``status --json`` lists them."""
+        return [w.to_json() for w in self.workers.values()]
+
+    def summary(self) -> str:
+        """``"4/5 workers running"``, for sd_notify's STATUS."""
+        running = sum(1 for w in self.workers.values() if w.state == WorkerState.RUNNING)
+        return f"{running}/{len(self.workers)} workers running"

@@ -1,0 +1,419 @@
+"""One worker: its state machine, restart policy, probes and process tree.
+
+States (the contract): ``stopped``, ``starting`` (spawned, not yet ready),
+``running`` (ready), ``backoff`` (waiting to restart), ``stopping``,
+``fatal`` (gave up; a manual start clears it). One task per worker runs the
+lifecycle; ``start``, ``stop`` and ``restart`` only set what is wanted and
+wake it, so every transition happens in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from loguru import logger
+
+from .cgroups import CgroupTree
+from .config import ProbeConfig
+from .events import EventBus, WorkerEvent
+from .health import ProbeFactory, ProbeResult, ProbeRunner
+from .masking import masker
+from .output import WorkerOutput
+from .plugins import PluginRegistry
+from .process import ExitStatus, ProcessTree, SpawnError, spawn
+from .restart import RestartPolicy
+from .services.base import ServiceType, WorkerInfo
+from .statefile import StateFile
+
+
+class WorkerState(str, enum.Enum):
+    """The states of the contract."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    FATAL = "fatal"
+
+
+#: Variables of citadeld's own environment that must not reach a worker.
+_PRIVATE_ENV = (
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+    "LISTEN_FDNAMES", "JOURNAL_STREAM", "INVOCATION_ID", "PROMETHEUS_MULTIPROC_DIR",
+    "CREDENTIALS_DIRECTORY",
+)
+
+
+def worker_base_env() -> dict[str, str]:
+    """citadeld's environment, less what belongs to citadeld alone."""
+    return {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+
+
+@dataclass
+class WorkerRuntime:
+    """What every worker shares: the daemon's HTTP session, plugins, events, cgroups."""
+
+    session: aiohttp.ClientSession
+    plugins: PluginRegistry
+    events: EventBus
+    state_file: StateFile
+    probe_kinds: dict[str, ProbeFactory]
+    cgroup_tree: CgroupTree | None = None
+    #: Awaited before a restart (the GPU module waits for GPU memory to be released).
+    before_restart: Callable[[Worker], Awaitable[None]] | None = None
+
+
+@dataclass
+class RunOutcome:
+    """How one run of the process ended."""
+
+    failed: bool
+    uptime: float
+    interrupted: bool
+    reason: str
+
+
+class Worker:
+    """One replica of a service, kept in the state the operator asked for."""
+
+    def __init__(self, info: WorkerInfo, service_type: ServiceType, runtime: WorkerRuntime,
+                 output: WorkerOutput):
+        self.info = info
+        self.service_type = service_type
+        self.runtime = runtime
+        self.output = output
+        self.policy = RestartPolicy(info.config)
+        self.state = WorkerState.STOPPED
+        self.since = time.time()
+        self.ready = False
+        self.restarts = 0
+        self.last_exit: ExitStatus | None = None
+        self.last_error: str | None = None
+        self.last_lines: list[str] = []
+        self.proc: ProcessTree | None = None
+        self.spawned_at: float | None = None
+        self.probes: dict[str, ProbeRunner] = {}
+        #: Set by readers such as the vLLM type: what the worker is doing while it starts.
+        self.phase: str | None = None
+        self._want_up = False
+        self._wake = asyncio.Event()
+        self._interrupt = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._spawns = 0
+        self._spawns_at_start = 0
+        self._log = logger.bind(worker=info.name, service=info.service)
+
+    @property
+    def name(self) -> str:
+        """The worker's name: the service's, or ``service.N`` for replicas."""
+        return self.info.name
+
+    @property
+    def wanted(self) -> bool:
+        """True when the operator (or the config) wants this worker up."""
+        return self._want_up
+
+    # -- requests -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Create the lifecycle task (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._lifecycle(), name=self.name)
+
+    def start(self) -> None:
+        """Ask for the worker to run; clears ``fatal`` and cuts a backoff short."""
+        if self.state == WorkerState.FATAL:
+            self.policy.reset()
+            self._set_state(WorkerState.STOPPED)
+        if not self._want_up:
+            self._spawns_at_start = self._spawns
+        self._want_up = True
+        if self.state == WorkerState.BACKOFF:
+            self._interrupt.set()  # no process runs during a backoff: just cut it short
+        self._wake.set()
+        self.run()
+
+    def stop(self) -> None:
+        """Ask for the worker to stop (its whole tree)."""
+        self._want_up = False
+        self._interrupt.set()
+        self._wake.set()
+
+    def restart(self) -> None:
+        """Stop the running process (if any) and start a new one."""
+        self._want_up = True
+        self._interrupt.set()
+        self._wake.set()
+        self.run()
+
+    async def wait_for(self, states: set[WorkerState], timeout: float | None = None) -> bool:
+        """Wait until the worker is in one of ``states``; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state not in states:
+            changed = self._changed
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return self.state in states
+        return True
+
+    async def settled(self, timeout: float | None = None) -> bool:
+        """Wait until the last start request played out: running, or failed trying.
+
+        Used to order start-up (``after``): a dependent starts once this is
+        running, fatal, or backing off or stopped after at least one spawn.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.state in (WorkerState.RUNNING, WorkerState.FATAL):
+                return True
+            if self.state in (WorkerState.BACKOFF, WorkerState.STOPPED) and (
+                self._spawns > self._spawns_at_start or not self._want_up
+            ):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+    async def close(self) -> None:
+        """Stop, wait until stopped, and end the lifecycle task."""
+        self.stop()
+        if self._task is not None:
+            await self.wait_for({WorkerState.STOPPED, WorkerState.FATAL})
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.output.close()
+
+    # -- state --------------------------------------------------------------
+
+    def _set_state(self, state: WorkerState, **detail: Any) -> None:
+        if state == self.state and not detail:
+            return
+        old = self.state
+        self.state = state
+        self.since = time.time()
+        if state != WorkerState.RUNNING:
+            self._set_ready(False, publish=False)
+        if state != WorkerState.STARTING:
+            self.phase = None
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        self._log.info("{} -> {}{}", old.value, state.value,
+                       "".join(f", {k}={v}" for k, v in detail.items() if k != "last_lines"))
+        self._publish("state", old.value, detail)
+
+    def _set_ready(self, ready: bool, publish: bool = True) -> None:
+        if ready == self.ready:
+            return
+        self.ready = ready
+        if publish:
+            self._publish("ready", self.state.value, {})
+
+    def _publish(self, kind: str, old: str | None, detail: dict[str, Any]) -> None:
+        event = WorkerEvent(kind=kind, worker=self.name, service=self.info.service,
+                            state=self.state.value, old_state=old, ready=self.ready, detail=detail)
+        self.runtime.events.publish(event)
+
+    # -- the lifecycle ------------------------------------------------------
+
+    async def _lifecycle(self) -> None:
+        while True:
+            if not self._want_up:
+                if self.state not in (WorkerState.STOPPED, WorkerState.FATAL):
+                    self._set_state(WorkerState.STOPPED)
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            self._interrupt.clear()
+            outcome = await self._run_once()
+            if outcome.interrupted or not self._want_up:
+                continue
+            decision = self.policy.decide(outcome.failed, outcome.uptime, time.monotonic())
+            if decision.fatal:
+                self._want_up = False
+                self._log.error("giving up: {}; `citadelctl start {}` tries again",
+                                decision.reason, self.name)
+                self._set_state(WorkerState.FATAL, reason=decision.reason)
+                continue
+            if not decision.restart:
+                self._want_up = False
+                self._set_state(WorkerState.STOPPED, reason=decision.reason)
+                continue
+            self.restarts += 1
+            self._publish("restart", self.state.value, {"delay": decision.delay, "reason": decision.reason})
+            if decision.delay > 0:
+                self._set_state(WorkerState.BACKOFF, delay=round(decision.delay, 3))
+                try:
+                    await asyncio.wait_for(self._interrupt.wait(), decision.delay)
+                    continue  # a stop or start request cut the backoff short
+                except asyncio.TimeoutError:
+                    pass
+            if self.runtime.before_restart is not None:
+                await self.runtime.before_restart(self)
+
+    def _spawn(self) -> ProcessTree:
+        spec = self.service_type.spawn_spec(self.info)
+        self.runtime.plugins.call_each("citadel_prepare_spawn", worker=self.info, spec=spec)
+        env = {**worker_base_env(), **spec.env, "CITADEL_WORKER": self.name,
+               "CITADEL_SERVICE": self.info.service}
+        masker.add_env(env)
+        tree = self.runtime.cgroup_tree
+        cgroup = tree.prepare(self.name) if tree is not None else None
+        return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity)
+
+    async def _run_once(self) -> RunOutcome:
+        self._spawns += 1
+        try:
+            proc = self._spawn()
+        except (SpawnError, OSError) as exc:
+            self.last_error = masker.mask(str(exc))
+            self._log.error("cannot start: {}", self.last_error)
+            self._set_state(WorkerState.STOPPED, error=self.last_error)
+            return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=self.last_error)
+        self.proc = proc
+        self.last_error = None
+        self.spawned_at = time.monotonic()
+        self.output.attach([proc.stdout, proc.stderr])
+        self.runtime.state_file.add(self.name, proc.pid, proc.create_time, proc.cgroup)
+        self._set_state(WorkerState.STARTING, pid=proc.pid)
+        exit_task = asyncio.ensure_future(proc.wait())
+        interrupt_task = asyncio.ensure_future(self._interrupt.wait())
+        failure = asyncio.get_running_loop().create_future()
+        probe_tasks: list[asyncio.Task[None]] = []
+        reason = ""
+        try:
+            probes = self.service_type.probes(self.info)
+            startup = asyncio.ensure_future(self._startup(probes.startup))
+            probe_tasks.append(startup)  # type: ignore[arg-type]
+            await asyncio.wait({exit_task, interrupt_task, startup}, return_when=asyncio.FIRST_COMPLETED)
+            if startup.done() and not exit_task.done() and not interrupt_task.done():
+                error = startup.result()
+                if error is not None:
+                    failure.set_result(error)
+                else:
+                    self._set_state(WorkerState.RUNNING)
+                    self._set_ready(probes.readiness is None or probes.startup is not None)
+                    probe_tasks += self._start_probes(probes.liveness, probes.readiness, failure)
+                    await asyncio.wait({exit_task, interrupt_task, failure},
+                                       return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in probe_tasks:
+                task.cancel()
+            self.probes = {}
+        uptime = time.monotonic() - self.spawned_at
+        interrupted = interrupt_task.done() and not exit_task.done()
+        interrupt_task.cancel()
+        if not exit_task.done():
+            self._set_state(WorkerState.STOPPING)
+            if failure.done():
+                reason = failure.result()
+                self._log.error("{}; stopping it", reason)
+        await proc.stop(self.info.config.stop_signal, self.info.config.stop_timeout)
+        status = await exit_task
+        await self.output.drained(0.5)
+        self.output.detach()
+        self.runtime.state_file.remove(self.name)
+        self.proc = None
+        self.last_exit = status
+        self.last_lines = self.output.recent(10)
+        failed = not interrupted and (failure.done() or status.failed())
+        if not interrupted and not failure.done():
+            reason = status.describe()
+            tail = "".join(f"\n  | {line}" for line in self.last_lines)
+            level = "ERROR" if failed else "INFO"
+            self._log.log(level, "exited ({}) after {:.1f}s; last lines:{}", reason, uptime, tail or " none")
+        self._publish("exit", self.state.value, {"exit": status.to_json(), "reason": reason,
+                                                 "last_lines": self.last_lines})
+        return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason)
+
+    async def _startup(self, probe: ProbeConfig | None) -> str | None:
+        """Run the startup probe until it passes; an error text on timeout."""
+        if probe is None:
+            return None
+        checker = self._make_probe(probe)
+        runner = ProbeRunner("startup", checker, probe, lambda ok, r: None)
+        self.probes["startup"] = runner
+        deadline = time.monotonic() + self.info.config.startup_timeout
+        while True:
+            result = await checker.check()
+            runner.record(result)
+            if runner.passing:
+                return None
+            if time.monotonic() >= deadline:
+                return (f"not ready within startup_timeout = {self.info.config.startup_timeout:g}s "
+                        f"(last probe: {result.detail})")
+            await asyncio.sleep(min(probe.period, max(0.0, deadline - time.monotonic())))
+
+    def _start_probes(self, liveness: ProbeConfig | None, readiness: ProbeConfig | None,
+                      failure: asyncio.Future[str]) -> list[asyncio.Task[None]]:
+        tasks = []
+        if liveness is not None:
+            def on_liveness(passing: bool, result: ProbeResult) -> None:
+                if not passing and not failure.done():
+                    failure.set_result(
+                        f"liveness probe failed {liveness.failure_threshold} times: {result.detail}")
+
+            runner = ProbeRunner("liveness", self._make_probe(liveness), liveness, on_liveness, True)
+            self.probes["liveness"] = runner
+            tasks.append(asyncio.ensure_future(runner.run()))
+        if readiness is not None:
+            def on_readiness(passing: bool, result: ProbeResult) -> None:
+                self._log.info("readiness: {} ({})", "ready" if passing else "not ready", result.detail)
+                self._set_ready(passing)
+
+            runner = ProbeRunner("readiness", self._make_probe(readiness), readiness, on_readiness,
+                                 initially_passing=self.ready)
+            self.probes["readiness"] = runner
+            tasks.append(asyncio.ensure_future(runner.run()))
+        return tasks
+
+    def _make_probe(self, config: ProbeConfig) -> Any:
+        factory = self.runtime.probe_kinds.get(config.kind)
+        if factory is None:
+            raise SpawnError(f"no probe kind {config.kind!r} (a plugin may be missing)")
+        return factory(config, self.info, self.runtime.session)
+
+    # -- reading ------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The worker as ``status --json`` shows it."""
+        proc = self.proc
+        return {
+            "name": self.name,
+            "service": self.info.service,
+            "type": self.service_type.name,
+            "state": self.state.value,
+            "pid": proc.pid if proc is not None else None,
+            "restarts": self.restarts,
+            "ready": self.ready,
+            "gpus": list(self.info.gpu_indices),
+            "gpu_uuids": list(self.info.gpu_uuids),
+            "port": self.info.port,
+            "since": self.since,
+            "uptime": (time.monotonic() - self.spawned_at) if proc is not None and self.spawned_at else None,
+            "last_exit": self.last_exit.to_json() if self.last_exit else None,
+            "last_error": self.last_error,
+            "last_lines": self.last_lines,
+            "phase": self.phase,
+            "probes": {role: r.to_json() for role, r in self.probes.items()},
+        }
