@@ -409,6 +409,7 @@ class Worker:
             "gpus": list(self.info.gpu_indices),
             "gpu_uuids": list(self.info.gpu_uuids),
             "port": self.info.port,
+            "models": self.service_type.models(self.info),
             "since": self.since,
             "uptime": (time.monotonic() - self.spawned_at) if proc is not None and self.spawned_at else None,
             "last_exit": self.last_exit.to_json() if self.last_exit else None,

@@ -72,6 +72,10 @@ class ServiceType(ABC):
         """Probes used when the config gives none; none by default."""
         return ProbesConfig()
 
+    def models(self, worker: WorkerInfo) -> list[str]:
+        """The model names the worker serves (for routing by ``model``); none by default."""
+        return []
+
     def metrics_url(self, worker: WorkerInfo) -> str | None:
         """The URL of the worker's own Prometheus ``/metrics``, to federate, or None."""
         return None

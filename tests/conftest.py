@@ -1,0 +1,154 @@
+"""Shared fixtures: a real citadeld in a subprocess, driven through real citadelctl calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+CITADELD = str(BIN / "citadeld")
+CITADELCTL = str(BIN / "citadelctl")
+
+
+class RunningDaemon:
+    """A citadeld subprocess on a config in a temp folder."""
+
+    def __init__(self, root: Path, config_text: str, env: dict[str, str] | None = None):
+        self.root = root
+        self.config = root / "citadeld.toml"
+        self.socket = root / "run" / "control.sock"
+        self.log_path = root / "citadeld.log"
+        self.env = {**os.environ, **(env or {})}
+        self.write_config(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, services_text: str) -> None:
+        """Write the config: a [daemon] table pointing into ``root``, then ``services_text``."""
+        head = textwrap.dedent(f"""\
+            [daemon]
+            control_socket = "{self.socket}"
+            state_dir = "{self.root / 'run'}"
+            log_dir = "{self.root / 'log'}"
+            log_level = "DEBUG"
+            socket_group = ""
+            """)
+        body = textwrap.dedent(services_text)
+        if "[exporter]" not in body:
+            head += '[exporter]\nlisten = ""\n'
+        self.config.write_text(head + body)
+
+    def start(self, wait: bool = True) -> RunningDaemon:
+        """Start citadeld and wait until its socket answers."""
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([CITADELD, "--config", str(self.config), "--log-format", "json"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"citadeld exited {self.proc.returncode}:\n{self.logs()}")
+                if self.ctl("version", check=False).returncode == 0:
+                    return self
+                time.sleep(0.05)
+            raise TimeoutError(f"citadeld did not answer:\n{self.logs()}")
+        return self
+
+    def logs(self) -> str:
+        """Everything citadeld wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run citadelctl against this daemon."""
+        result = subprocess.run([CITADELCTL, "--socket", str(self.socket), *args],
+                                capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"citadelctl {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """``status --json``, keyed by worker name."""
+        data = json.loads(self.ctl("status", "--json").stdout)
+        return {w["name"]: w for w in data["workers"]}
+
+    def wait_for(self, predicate: Any, timeout: float = 20, what: str = "condition") -> Any:
+        """Poll ``predicate(status)`` until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.status()
+            result = predicate(last)
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(last, indent=1)}"
+                             f"\n--- citadeld log ---\n{self.logs()[-4000:]}")
+
+    def wait_state(self, worker: str, state: str, timeout: float = 20) -> dict[str, Any]:
+        """Wait until ``worker`` is in ``state``; its status."""
+        return self.wait_for(lambda s: s.get(worker) if s.get(worker, {}).get("state") == state else None,
+                             timeout, f"{worker} to be {state}")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to citadeld."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM citadeld and wait for it; its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    """``daemon_factory(config_text)`` -> a started RunningDaemon; all are stopped afterwards."""
+    made: list[RunningDaemon] = []
+
+    def make(config_text: str, start: bool = True, env: dict[str, str] | None = None) -> RunningDaemon:
+        root = tmp_path / f"d{len(made)}"
+        root.mkdir()
+        daemon = RunningDaemon(root, config_text, env)
+        made.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in made:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def process_gone(pid: int) -> bool:
+    """True when no live process has this pid (a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    """Wait until every pid is gone; the ones still alive at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if not process_gone(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if not process_gone(p)]
