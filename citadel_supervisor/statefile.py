@@ -20,6 +20,7 @@ import psutil
 from loguru import logger
 
 from . import cgroups
+from .process import SPAWN_ID_ENV
 
 
 class StateFile:
@@ -29,9 +30,10 @@ class StateFile:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
 
-    def add(self, worker: str, pid: int, create_time: float, cgroup: Path | None) -> None:
+    def add(self, worker: str, pid: int, create_time: float, cgroup: Path | None,
+            spawn_id: str) -> None:
         """Record a spawned worker."""
-        self.entries[worker] = {"pid": pid, "create_time": create_time,
+        self.entries[worker] = {"pid": pid, "create_time": create_time, "spawn_id": spawn_id,
                                 "cgroup": str(cgroup) if cgroup else None}
         self._write()
 
@@ -85,13 +87,21 @@ def _leftover_pids(entry: dict[str, Any]) -> set[int]:
             pids.update(c.pid for c in leader.children(recursive=True))
     except psutil.Error:
         pass
-    # The leader's process group outlives it (vLLM's EngineCore and Worker stay in it).
+    # The leader's process group outlives it (vLLM's EngineCore and Worker stay in it), and
+    # descendants that left the group still carry the worker's spawn id in their environment.
+    started = float(entry["create_time"]) - 0.05
+    spawn_id = entry.get("spawn_id")
     for proc in psutil.process_iter(["pid", "create_time"]):
-        try:
-            if os.getpgid(proc.pid) == pid and proc.info["create_time"] >= float(entry["create_time"]) - 0.05:
-                pids.add(proc.pid)
-        except OSError:
+        if proc.info["create_time"] is None or proc.info["create_time"] < started:
             continue
+        try:
+            if os.getpgid(proc.pid) == pid:
+                pids.add(proc.pid)
+            elif spawn_id and proc.environ().get(SPAWN_ID_ENV) == spawn_id:
+                pids.add(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    pids.discard(os.getpid())
     return pids
 
 

@@ -294,7 +294,7 @@ class Worker:
         self.last_error = None
         self.spawned_at = time.monotonic()
         self.output.attach([proc.stdout, proc.stderr])
-        self.runtime.state_file.add(self.name, proc.pid, proc.create_time, proc.cgroup)
+        self.runtime.state_file.add(self.name, proc.pid, proc.create_time, proc.cgroup, proc.spawn_id)
         self._set_state(WorkerState.STARTING, pid=proc.pid)
         exit_task = asyncio.ensure_future(proc.wait())
         interrupt_task = asyncio.ensure_future(self._interrupt.wait())
