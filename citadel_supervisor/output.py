@@ -14,7 +14,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from loguru import logger
@@ -128,6 +128,8 @@ class WorkerOutput:
         self._followers: set[asyncio.Queue[str | None]] = set()
         self._log = logger.bind(worker=worker, service=service)
         self._flush_handle: asyncio.TimerHandle | None = None
+        #: Called with each new line while set (the worker watches its startup phase).
+        self.line_watcher: Callable[[str], None] | None = None
 
     # -- reading ------------------------------------------------------------
 
@@ -198,6 +200,9 @@ class WorkerOutput:
         if self.file is not None:
             self.file.write(chunk, count)
         self.ring.extend(lines)
+        if self.line_watcher is not None:
+            for line in lines:
+                self.line_watcher(line.decode("utf-8", "replace"))
         if self._followers:
             for line in lines:
                 text = line.decode("utf-8", "replace")

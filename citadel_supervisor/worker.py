@@ -107,6 +107,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._interrupt = asyncio.Event()
         self._changed = asyncio.Event()
+        self._probe_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._spawns = 0
         self._spawns_at_start = 0
@@ -214,8 +215,11 @@ class Worker:
         self.since = time.time()
         if state != WorkerState.RUNNING:
             self._set_ready(False, publish=False)
-        if state != WorkerState.STARTING:
+        if state == WorkerState.STARTING:
+            self.output.line_watcher = self._watch_startup_line
+        else:
             self.phase = None
+            self.output.line_watcher = None
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         self._log.info("{} -> {}{}", old.value, state.value,
@@ -346,6 +350,13 @@ class Worker:
                                                  "last_lines": self.last_lines})
         return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason)
 
+    def _watch_startup_line(self, line: str) -> None:
+        phase = self.service_type.startup_phase(line)
+        if phase is not None and phase != self.phase:
+            self.phase = phase
+            if phase == "serving":
+                self._probe_now.set()
+
     async def _startup(self, probe: ProbeConfig | None) -> str | None:
         """Run the startup probe until it passes; an error text on timeout."""
         if probe is None:
@@ -362,7 +373,13 @@ class Worker:
             if time.monotonic() >= deadline:
                 return (f"not ready within startup_timeout = {self.info.config.startup_timeout:g}s "
                         f"(last probe: {result.detail})")
-            await asyncio.sleep(min(probe.period, max(0.0, deadline - time.monotonic())))
+            # Sleep a period, or less when the output says the worker now serves.
+            self._probe_now.clear()
+            try:
+                await asyncio.wait_for(self._probe_now.wait(),
+                                       min(probe.period, max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
 
     def _start_probes(self, liveness: ProbeConfig | None, readiness: ProbeConfig | None,
                       failure: asyncio.Future[str]) -> list[asyncio.Task[None]]:

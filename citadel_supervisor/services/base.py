@@ -72,10 +72,26 @@ class ServiceType(ABC):
         """Probes used when the config gives none; none by default."""
         return ProbesConfig()
 
+    def startup_phase(self, line: str) -> str | None:
+        """What a line of the worker's output says it is doing while it starts (or None).
+
+        The phase ``"serving"`` also triggers the startup probe at once, so a
+        worker is seen ready without waiting for the next probe period.
+        """
+        return None
+
     def models(self, worker: WorkerInfo) -> list[str]:
         """The model names the worker serves (for routing by ``model``); none by default."""
         return []
 
     def metrics_url(self, worker: WorkerInfo) -> str | None:
-        """The URL of the worker's own Prometheus ``/metrics``, to federate, or None."""
+        """The URL of the worker's own Prometheus ``/metrics``, to federate, or None.
+
+        The service's ``metrics`` key (a URL, or a path on the worker's port) wins when set.
+        """
+        page = worker.config.metrics
+        if page and not page.startswith("/"):
+            return page
+        if page and worker.port:
+            return f"http://{getattr(worker.config, 'host', '127.0.0.1')}:{worker.port}{page}"
         return None

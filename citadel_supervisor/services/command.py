@@ -33,8 +33,8 @@ class CommandConfig(ServiceConfig):
     def _program_exists(self, info: ValidationInfo) -> CommandConfig:
         if isinstance(self.command, str) and not self.shell:
             raise ValueError(
-                "command is a string: give an argv list (['prog', 'arg']), "
-                "or set shell = true to run it through /bin/sh"
+                "command: a string needs shell = true (to run it through /bin/sh); "
+                "or give an argv list (['prog', 'arg'])"
             )
         if self.shell:
             return self

