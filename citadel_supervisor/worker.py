@@ -23,6 +23,7 @@ from loguru import logger
 from .cgroups import CgroupTree
 from .config import ProbeConfig
 from .events import EventBus, WorkerEvent
+from .gpu import GpuInventory, WorkerGpus, worker_placement
 from .health import ProbeFactory, ProbeResult, ProbeRunner
 from .masking import masker
 from .output import WorkerOutput
@@ -67,6 +68,8 @@ class WorkerRuntime:
     state_file: StateFile
     probe_kinds: dict[str, ProbeFactory]
     cgroup_tree: CgroupTree | None = None
+    #: NVML's view of the GPUs (None on a CPU host), for pinning workers.
+    gpu_inventory: GpuInventory | None = None
     #: Awaited before a restart (the GPU module waits for GPU memory to be released).
     before_restart: Callable[[Worker], Awaitable[None]] | None = None
 
@@ -273,10 +276,18 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
             if self.runtime.before_restart is not None:
+                if self.info.gpu_uuids:
+                    self._set_state(WorkerState.BACKOFF, waiting="GPU memory release")
                 await self.runtime.before_restart(self)
 
     def _spawn(self) -> ProcessTree:
         spec = self.service_type.spawn_spec(self.info)
+        placement = worker_placement(
+            WorkerGpus(self.info.service, self.info.gpu_indices, self.info.gpu_uuids),
+            self.runtime.gpu_inventory)
+        spec.env.update(placement.env)
+        if placement.cpus is not None and spec.cpu_affinity is None:
+            spec.cpu_affinity = placement.cpus
         self.runtime.plugins.call_each("citadel_prepare_spawn", worker=self.info, spec=spec)
         env = {**worker_base_env(), **spec.env, "CITADEL_WORKER": self.name,
                "CITADEL_SERVICE": self.info.service}

@@ -24,27 +24,31 @@ DEFAULT_CONFIG = "/etc/citadel/citadeld.toml"
 def main(config_path: Path, check: bool, log_level: str | None, log_format: str | None) -> None:
     """Supervise LLM servers and other workers, as the config says."""
     from ..config import ConfigError
-    from ..daemon import Daemon, disabled_plugins, load_validated
+    from ..daemon import Daemon, disabled_plugins, load_and_plan
+    from ..gpu import detect_gpus
     from ..logs import setup_logging
     from ..masking import masker
     from ..plugins import load_plugins
 
     setup_logging((log_level or "INFO").upper(), log_format or "auto")
     registry = load_plugins(disabled_plugins(config_path))
+    gpus = detect_gpus()
     try:
-        config = load_validated(config_path, registry)
+        config, allocation = load_and_plan(config_path, registry, gpus)
     except ConfigError as exc:
         click.echo(masker.mask(f"citadeld: invalid config:\n{exc}"), err=True)
         sys.exit(1)
     masker.add_secrets(config.secrets)
     if check:
         failed = [r.name for r in registry.records.values() if r.status == "failed"]
-        click.echo(f"{config_path}: OK ({len(config.services)} services"
+        gpu_note = (f"{len(gpus.inventory.gpus)} GPUs" if gpus.inventory
+                    else f"no GPU ({gpus.reason}): workers run on the CPU")
+        click.echo(f"{config_path}: OK ({len(config.services)} services; {gpu_note}"
                    + (f"; plugins that failed to load: {', '.join(failed)}" if failed else "") + ")")
         sys.exit(0)
     setup_logging((log_level or config.daemon.log_level).upper(), log_format or config.daemon.log_format)
     try:
-        code = asyncio.run(Daemon(config_path, config, registry).run())
+        code = asyncio.run(Daemon(config_path, config, registry, gpus, allocation).run())
     except (OSError, RuntimeError) as exc:
         click.echo(masker.mask(f"citadeld: {exc}"), err=True)
         sys.exit(1)

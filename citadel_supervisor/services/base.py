@@ -72,6 +72,18 @@ class ServiceType(ABC):
         """Probes used when the config gives none; none by default."""
         return ProbesConfig()
 
+    def default_gpus(self, config: ServiceConfig) -> str | None:
+        """What ``gpus`` means when unset on a host with GPUs: None (unpinned), or ``"auto"``."""
+        return None
+
+    def gpu_group_size(self, config: ServiceConfig) -> int:
+        """How many GPUs one worker takes when ``gpus = "auto"``."""
+        return 1
+
+    def gpu_memory_fraction(self, config: ServiceConfig) -> float | None:
+        """The fraction of each GPU's memory a worker takes, where the type knows it."""
+        return None
+
     def startup_phase(self, line: str) -> str | None:
         """What a line of the worker's output says it is doing while it starts (or None).
 

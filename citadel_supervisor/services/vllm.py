@@ -217,6 +217,20 @@ class VllmService(ServiceType):
             readiness=health.model_copy(update={"failure_threshold": 1}),
         )
 
+    def default_gpus(self, config: ServiceConfig) -> str | None:
+        """On a GPU host, an unpinned vLLM would take GPU 0 beside others: allocate instead."""
+        return "auto"
+
+    def gpu_group_size(self, config: ServiceConfig) -> int:
+        """tensor_parallel_size x pipeline_parallel_size GPUs per worker."""
+        assert isinstance(config, VllmConfig)
+        return (config.tensor_parallel_size or 1) * config.pipeline_parallel_size
+
+    def gpu_memory_fraction(self, config: ServiceConfig) -> float | None:
+        """``gpu_memory_utilization`` (vLLM's default 0.92)."""
+        assert isinstance(config, VllmConfig)
+        return config.gpu_memory_utilization if config.gpu_memory_utilization is not None else 0.92
+
     def models(self, worker: WorkerInfo) -> list[str]:
         """The served model names."""
         assert isinstance(worker.config, VllmConfig)

@@ -1,0 +1,528 @@
+"""A FAKE NVML, for machines without an NVIDIA GPU: tests, demos, CI.
+
+``FakeNvml`` has the same function names, arguments, return shapes and
+``NVMLError_*`` exception names as the parts of ``pynvml`` (the
+``nvidia-ml-py`` package) that ``gpu.py`` uses, so ``GpuInventory`` runs the
+same code on a fake host as on a real one. The host is described in JSON
+(see ``tests/fixtures/fake_host_8gpu.json``)::
+
+    {"driver_version": "550.54.15",
+     "numa_nodes": {"0": "0-31", "1": "32-63"},
+     "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-...",
+               "memory_total_mib": 81559, "memory_used_mib": 0,
+               "numa_node": 0,            # cpu_affinity defaults to the node's CPUs
+               "processes": [{"pid": 4242, "used_mib": 1024}],
+               "unsupported": ["nvmlDeviceGetPowerUsage"],   # raise NotSupported
+               "mig": {"enabled": true, "devices": [{"uuid": "MIG-...", "memory_total_mib": 9984}]}},
+              ...],
+     "init_error": "DriverNotLoaded"}     # optional: nvmlInit raises NVMLError_DriverNotLoaded
+
+Every GPU key is optional (a UUID, bus id and 80 GB are made up); a GPU with no
+``mig`` key cannot do MIG, one with no ``numa_node`` has none NVML tells.
+
+Tests change the host through the ``fake_*`` methods (add or remove a
+process, set memory used, inject an XID, make a call unsupported). citadeld
+uses it only when ``CITADEL_FAKE_NVML=/path/host.json`` is set, and then says
+loudly that its GPUs are fake; a host built from a file re-reads the file when
+it changes, so a test can change a running daemon's fake GPUs (the dynamic
+values only: memory, processes, utilisation, temperature, power; the devices
+themselves stay as first read).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .gpu import parse_cpulist
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# Constants with pynvml's names and values.
+NVML_TEMPERATURE_GPU = 0
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
+nvmlEventTypeXidCriticalError = 0x8
+
+
+# --------------------------------------------------------------------------
+# Errors: pynvml's class names, codes and messages
+# --------------------------------------------------------------------------
+
+
+class NVMLError(Exception):
+    """Base of the fake's NVML errors, as ``pynvml.NVMLError``."""
+
+    value = 999
+    message = "Unknown Error"
+
+    def __init__(self, value: int | None = None):
+        super().__init__()
+        if value is not None:
+            self.value = value
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NVMLError_Uninitialized(NVMLError):
+    value, message = 1, "Uninitialized"
+
+
+class NVMLError_InvalidArgument(NVMLError):
+    value, message = 2, "Invalid Argument"
+
+
+class NVMLError_NotSupported(NVMLError):
+    value, message = 3, "Not Supported"
+
+
+class NVMLError_NoPermission(NVMLError):
+    value, message = 4, "Insufficient Permissions"
+
+
+class NVMLError_NotFound(NVMLError):
+    value, message = 6, "Not Found"
+
+
+class NVMLError_DriverNotLoaded(NVMLError):
+    value, message = 9, "Driver Not Loaded"
+
+
+class NVMLError_Timeout(NVMLError):
+    value, message = 10, "Timeout"
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    value, message = 12, "NVML Shared Library Not Found"
+
+
+class NVMLError_GpuIsLost(NVMLError):
+    value, message = 15, "GPU is lost"
+
+
+class NVMLError_Unknown(NVMLError):
+    value, message = 999, "Unknown Error"
+
+
+_ERRORS: dict[str, type[NVMLError]] = {
+    cls.__name__.removeprefix("NVMLError_"): cls
+    for cls in (NVMLError_Uninitialized, NVMLError_InvalidArgument, NVMLError_NotSupported,
+                NVMLError_NoPermission, NVMLError_NotFound, NVMLError_DriverNotLoaded,
+                NVMLError_Timeout, NVMLError_LibraryNotFound, NVMLError_GpuIsLost,
+                NVMLError_Unknown)
+}
+
+
+# --------------------------------------------------------------------------
+# Return values: the attribute names pynvml's structs have
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeMemoryInfo:
+    """As ``c_nvmlMemory_t``: bytes."""
+
+    total: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
+class FakeUtilization:
+    """As ``c_nvmlUtilization_t``: percent."""
+
+    gpu: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class FakePciInfo:
+    """As ``nvmlPciInfo_t``; ``busId`` is bytes there too."""
+
+    busId: bytes
+
+
+@dataclass(frozen=True)
+class FakeProcessInfo:
+    """As pynvml's process objects; ``usedGpuMemory`` is None when NVML cannot tell."""
+
+    pid: int
+    usedGpuMemory: int | None
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class FakeEventData:
+    """As ``c_nvmlEventData_t``: ``eventData`` is the XID for XID events."""
+
+    device: Any
+    eventType: int
+    eventData: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------
+# The fake devices (they are also the handles NVML calls take)
+# --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class FakeMigDevice:
+    """One MIG device (a slice of a GPU)."""
+
+    uuid: str
+    memory_total: int
+    memory_reserved: int = 0
+    processes: dict[int, int | None] = field(default_factory=dict)
+
+    def memory_used(self) -> int:
+        return self.memory_reserved + sum(m or 0 for m in self.processes.values())
+
+
+@dataclass(eq=False)
+class FakeGpu:
+    """One fake GPU. ``memory_reserved`` is memory used by no listed process."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    memory_total: int
+    memory_reserved: int = 0
+    numa_node: int | None = None
+    cpu_affinity: set[int] = field(default_factory=set)
+    utilization: int = 0
+    memory_utilization: int = 0
+    temperature: int = 30
+    power_mw: int = 70_000
+    power_limit_mw: int = 700_000
+    processes: dict[int, int | None] = field(default_factory=dict)
+    #: None: not MIG capable (MIG calls raise NotSupported).
+    mig_enabled: bool | None = None
+    mig_devices: list[FakeMigDevice] = field(default_factory=list)
+    #: NVML function names that raise NotSupported for this GPU.
+    unsupported: set[str] = field(default_factory=set)
+    lost: bool = False
+
+    def memory_used(self) -> int:
+        own = self.memory_reserved + sum(m or 0 for m in self.processes.values())
+        return own + sum(m.memory_used() for m in self.mig_devices)
+
+
+def _processes(entries: Iterable[Mapping[str, Any]]) -> dict[int, int | None]:
+    out: dict[int, int | None] = {}
+    for entry in entries:
+        used = entry.get("used_mib")
+        out[int(entry["pid"])] = None if used is None else int(used * MiB)
+    return out
+
+
+def _gpu_from_json(index: int, desc: Mapping[str, Any], numa_cpus: Mapping[int, set[int]]) -> FakeGpu:
+    node = desc.get("numa_node")
+    mig = desc.get("mig")
+    # Unless the GPU says otherwise, its CPUs are those of its NUMA node, as on real hosts.
+    affinity = desc.get("cpu_affinity")
+    cpus = parse_cpulist(affinity) if affinity else set(numa_cpus.get(node, set()) if node is not None else ())
+    gpu = FakeGpu(
+        index=index,
+        uuid=desc.get("uuid", f"GPU-fake{index:04d}-0000-0000-0000-{index:012d}"),
+        name=desc.get("name", "NVIDIA FAKE GPU"),
+        pci_bus_id=desc.get("pci_bus_id", f"00000000:{0x10 + index:02X}:00.0"),
+        memory_total=int(desc.get("memory_total_mib", 81559) * MiB),
+        numa_node=node,
+        cpu_affinity=cpus,
+        mig_enabled=None if mig is None else bool(mig.get("enabled", False)),
+        mig_devices=[
+            FakeMigDevice(uuid=m["uuid"], memory_total=int(m.get("memory_total_mib", 9984) * MiB),
+                          processes=_processes(m.get("processes", [])))
+            for m in (mig or {}).get("devices", [])
+        ],
+        unsupported=set(desc.get("unsupported", [])),
+    )
+    _apply_dynamic(gpu, desc)
+    return gpu
+
+
+def _apply_dynamic(gpu: FakeGpu, desc: Mapping[str, Any]) -> None:
+    """Set the values a host file may change while a daemon reads it."""
+    gpu.processes = _processes(desc.get("processes", []))
+    used = int(desc.get("memory_used_mib", 0) * MiB)
+    gpu.memory_reserved = max(0, used - sum(m or 0 for m in gpu.processes.values()))
+    gpu.utilization = int(desc.get("utilization", 0))
+    gpu.memory_utilization = int(desc.get("memory_utilization", 0))
+    gpu.temperature = int(desc.get("temperature", 30))
+    gpu.power_mw = int(desc.get("power_w", 70) * 1000)
+    gpu.power_limit_mw = int(desc.get("power_limit_w", 700) * 1000)
+
+
+# --------------------------------------------------------------------------
+# The fake NVML
+# --------------------------------------------------------------------------
+
+
+class FakeNvml:
+    """A fake ``pynvml``: pass it wherever ``gpu.py`` takes ``nvml``.
+
+    Build one with ``FakeNvml(host_dict)`` or ``FakeNvml.from_file(path)``.
+    """
+
+    #: ``gpu.py`` checks this to label everything it reports as fake.
+    IS_FAKE = True
+
+    NVMLError = NVMLError
+    NVMLError_Uninitialized = NVMLError_Uninitialized
+    NVMLError_InvalidArgument = NVMLError_InvalidArgument
+    NVMLError_NotSupported = NVMLError_NotSupported
+    NVMLError_NoPermission = NVMLError_NoPermission
+    NVMLError_NotFound = NVMLError_NotFound
+    NVMLError_DriverNotLoaded = NVMLError_DriverNotLoaded
+    NVMLError_Timeout = NVMLError_Timeout
+    NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    NVMLError_GpuIsLost = NVMLError_GpuIsLost
+    NVMLError_Unknown = NVMLError_Unknown
+    NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
+    NVML_DEVICE_MIG_DISABLE = NVML_DEVICE_MIG_DISABLE
+    NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE
+    nvmlEventTypeXidCriticalError = nvmlEventTypeXidCriticalError
+
+    def __init__(self, host: Mapping[str, Any], source: str = "<dict>"):
+        self.source = source
+        self.driver_version = str(host.get("driver_version", "550.54.15"))
+        init_error = host.get("init_error")
+        if init_error is not None and init_error not in _ERRORS:
+            raise ValueError(f"init_error: {init_error!r} is not one of {', '.join(_ERRORS)}")
+        #: The error nvmlInit raises, to fake a host whose driver is broken.
+        self.init_error: type[NVMLError] | None = _ERRORS[init_error] if init_error else None
+        numa_cpus = {int(k): parse_cpulist(v) for k, v in host.get("numa_nodes", {}).items()}
+        self.gpus = [_gpu_from_json(i, d, numa_cpus) for i, d in enumerate(host.get("gpus", []))]
+        self._init_count = 0
+        self._event_sets: list[list[FakeEventData]] = []
+        self._registered: dict[int, set[int]] = {}  # id(event set) -> GPU indices
+        self._path: Path | None = None
+        self._mtime: float | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FakeNvml:
+        """A fake host read from a JSON file, re-read when the file changes."""
+        path = Path(path)
+        fake = cls(json.loads(path.read_text()), source=str(path))
+        fake._path = path
+        fake._mtime = path.stat().st_mtime
+        return fake
+
+    # -- test controls ------------------------------------------------------
+
+    def fake_gpu(self, gpu: int | str) -> FakeGpu:
+        """A fake GPU by index or UUID."""
+        for candidate in self.gpus:
+            if candidate.index == gpu or candidate.uuid == gpu:
+                return candidate
+        raise KeyError(f"the fake host has no GPU {gpu!r}")
+
+    def fake_add_process(self, gpu: int | str, pid: int, used_bytes: int | None) -> None:
+        """Make ``pid`` hold ``used_bytes`` of GPU memory on ``gpu`` (None: NVML cannot tell)."""
+        self.fake_gpu(gpu).processes[pid] = used_bytes
+
+    def fake_remove_process(self, gpu: int | str, pid: int) -> None:
+        """``pid`` no longer holds memory on ``gpu``."""
+        self.fake_gpu(gpu).processes.pop(pid, None)
+
+    def fake_set_memory_used(self, gpu: int | str, used_bytes: int) -> None:
+        """Set the GPU's used memory (processes included; free follows)."""
+        device = self.fake_gpu(gpu)
+        held = device.memory_used() - device.memory_reserved
+        device.memory_reserved = max(0, used_bytes - held)
+
+    def fake_set_unsupported(self, gpu: int | str, *functions: str) -> None:
+        """Make these NVML functions raise NotSupported for ``gpu``."""
+        self.fake_gpu(gpu).unsupported.update(functions)
+
+    def fake_lose_gpu(self, gpu: int | str) -> None:
+        """The GPU falls off the bus: every call on it raises GpuIsLost."""
+        self.fake_gpu(gpu).lost = True
+
+    def fake_inject_xid(self, gpu: int | str, xid: int) -> None:
+        """An XID error on ``gpu``, delivered to event sets registered for it."""
+        device = self.fake_gpu(gpu)
+        for event_set in self._event_sets:
+            if device.index in self._registered.get(id(event_set), set()):
+                event_set.append(FakeEventData(device, nvmlEventTypeXidCriticalError, xid))
+
+    def _reload_if_changed(self) -> None:
+        if self._path is None:
+            return
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            host = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return  # a half-written file: keep the last good values
+        self._mtime = mtime
+        for gpu, desc in zip(self.gpus, host.get("gpus", [])):
+            _apply_dynamic(gpu, desc)
+
+    def _check_init(self) -> None:
+        if self._init_count <= 0:
+            raise NVMLError_Uninitialized()
+        self._reload_if_changed()
+
+    def _device(self, handle: Any, function: str) -> Any:
+        self._check_init()
+        gpu = handle if isinstance(handle, FakeGpu) else self._parent_of(handle)
+        if gpu is None:
+            raise NVMLError_InvalidArgument()
+        if gpu.lost:
+            raise NVMLError_GpuIsLost()
+        if function in gpu.unsupported:
+            raise NVMLError_NotSupported()
+        return handle
+
+    def _parent_of(self, handle: Any) -> FakeGpu | None:
+        for gpu in self.gpus:
+            if any(m is handle for m in gpu.mig_devices):
+                return gpu
+        return None
+
+    # -- pynvml's functions -------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error()
+        self._init_count += 1
+
+    def nvmlShutdown(self) -> None:
+        self._check_init()
+        self._init_count -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._check_init()
+        return self.driver_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check_init()
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
+        self._check_init()
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError_InvalidArgument()
+        return self._device(self.gpus[index], "nvmlDeviceGetHandleByIndex")
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        return self._device(handle, "nvmlDeviceGetUUID").uuid
+
+    def nvmlDeviceGetName(self, handle: FakeGpu) -> str:
+        return self._whole(handle, "nvmlDeviceGetName").name
+
+    def nvmlDeviceGetPciInfo(self, handle: FakeGpu) -> FakePciInfo:
+        return FakePciInfo(self._whole(handle, "nvmlDeviceGetPciInfo").pci_bus_id.encode())
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> FakeMemoryInfo:
+        device = self._device(handle, "nvmlDeviceGetMemoryInfo")
+        used = min(device.memory_used(), device.memory_total)
+        return FakeMemoryInfo(total=device.memory_total, free=device.memory_total - used, used=used)
+
+    def nvmlDeviceGetMigMode(self, handle: FakeGpu) -> list[int]:
+        gpu = self._whole(handle, "nvmlDeviceGetMigMode")
+        if gpu.mig_enabled is None:
+            raise NVMLError_NotSupported()
+        mode = NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else NVML_DEVICE_MIG_DISABLE
+        return [mode, mode]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeGpu) -> int:
+        gpu = self._whole(handle, "nvmlDeviceGetMaxMigDeviceCount")
+        if gpu.mig_enabled is None:
+            raise NVMLError_NotSupported()
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeGpu, index: int) -> FakeMigDevice:
+        gpu = self._whole(handle, "nvmlDeviceGetMigDeviceHandleByIndex")
+        if not gpu.mig_enabled:
+            raise NVMLError_InvalidArgument()
+        if not 0 <= index < len(gpu.mig_devices):
+            raise NVMLError_NotFound()  # an empty slot, as NVML says
+        return gpu.mig_devices[index]
+
+    def nvmlDeviceGetNumaNodeId(self, handle: FakeGpu) -> int:
+        gpu = self._whole(handle, "nvmlDeviceGetNumaNodeId")
+        if gpu.numa_node is None:
+            raise NVMLError_NotSupported()
+        return gpu.numa_node
+
+    def nvmlDeviceGetCpuAffinity(self, handle: FakeGpu, cpuSetSize: int) -> list[int]:
+        gpu = self._whole(handle, "nvmlDeviceGetCpuAffinity")
+        words = [0] * cpuSetSize
+        for cpu in gpu.cpu_affinity:
+            if cpu // 64 < cpuSetSize:
+                words[cpu // 64] |= 1 << (cpu % 64)
+        return words
+
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeGpu) -> FakeUtilization:
+        gpu = self._whole(handle, "nvmlDeviceGetUtilizationRates")
+        return FakeUtilization(gpu=gpu.utilization, memory=gpu.memory_utilization)
+
+    def nvmlDeviceGetTemperature(self, handle: FakeGpu, sensor: int) -> int:
+        gpu = self._whole(handle, "nvmlDeviceGetTemperature")
+        if sensor != NVML_TEMPERATURE_GPU:
+            raise NVMLError_InvalidArgument()
+        return gpu.temperature
+
+    def nvmlDeviceGetPowerUsage(self, handle: FakeGpu) -> int:
+        return self._whole(handle, "nvmlDeviceGetPowerUsage").power_mw
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeGpu) -> int:
+        return self._whole(handle, "nvmlDeviceGetEnforcedPowerLimit").power_limit_mw
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[FakeProcessInfo]:
+        device = self._device(handle, "nvmlDeviceGetComputeRunningProcesses")
+        held = dict(device.processes)
+        if isinstance(device, FakeGpu):  # a whole GPU lists its MIG devices' processes too
+            for mig in device.mig_devices:
+                held.update(mig.processes)
+        return [FakeProcessInfo(pid, used) for pid, used in held.items()]
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeGpu) -> int:
+        self._whole(handle, "nvmlDeviceGetSupportedEventTypes")
+        return nvmlEventTypeXidCriticalError
+
+    def nvmlEventSetCreate(self) -> list[FakeEventData]:
+        self._check_init()
+        event_set: list[FakeEventData] = []
+        self._event_sets.append(event_set)
+        return event_set
+
+    def nvmlDeviceRegisterEvents(
+        self, handle: FakeGpu, eventTypes: int, eventSet: list[FakeEventData]
+    ) -> None:
+        gpu = self._whole(handle, "nvmlDeviceRegisterEvents")
+        if eventTypes & ~nvmlEventTypeXidCriticalError:
+            raise NVMLError_NotSupported()
+        self._registered.setdefault(id(eventSet), set()).add(gpu.index)
+
+    def nvmlEventSetWait_v2(self, eventSet: list[FakeEventData], timeoutms: int) -> FakeEventData:
+        # The fake never sleeps: an event is either queued or it is a timeout.
+        self._check_init()
+        if not eventSet:
+            raise NVMLError_Timeout()
+        return eventSet.pop(0)
+
+    def nvmlEventSetFree(self, eventSet: list[FakeEventData]) -> None:
+        self._check_init()
+        self._registered.pop(id(eventSet), None)
+        self._event_sets = [s for s in self._event_sets if s is not eventSet]
+
+    def _whole(self, handle: Any, function: str) -> FakeGpu:
+        """A call that takes a whole GPU's handle (NVML rejects MIG handles there)."""
+        device = self._device(handle, function)
+        if not isinstance(device, FakeGpu):
+            raise NVMLError_NotSupported()
+        return device
+
