@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .durations import Duration
 from .interpolation import InterpolationError, Interpolator, read_env_file
-from .masking import is_secret_name
+from .masking import SecretMasker, is_secret_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,6 +138,12 @@ class ServiceConfig(Model):
         None, description="GPU indices or UUIDs, a count, or 'auto'"
     )
     gpus_shared: bool = Field(False, description="other services may use these GPUs too")
+    gpu_release_timeout: Duration = Field(
+        60.0, ge=0, description="before a restart, wait this long for the GPUs' memory to be freed"
+    )
+    metrics: str | None = Field(
+        None, description="the worker's own Prometheus page to federate: a URL, or a path on its port"
+    )
 
     _stop_signal = field_validator("stop_signal", mode="before")(_signal_number)
 
@@ -184,12 +190,34 @@ class DaemonConfig(Model):
         return value.upper() if isinstance(value, str) else value
 
 
+class HostChecksConfig(Model):
+    """``[exporter.host_checks]``: warn and fail thresholds of the host's health checks.
+
+    Ratios are fractions (0.1 is 10 %); a threshold of ``None`` turns that level off.
+    """
+
+    disk_free_warn_ratio: float | None = Field(0.10, ge=0, le=1, description="free disk below")
+    disk_free_fail_ratio: float | None = Field(0.05, ge=0, le=1, description="free disk below")
+    memory_available_warn_ratio: float | None = Field(0.10, ge=0, le=1, description="available below")
+    memory_available_fail_ratio: float | None = Field(0.03, ge=0, le=1, description="available below")
+    load_warn_per_cpu: float | None = Field(2.0, ge=0, description="5-minute load per CPU above")
+    load_fail_per_cpu: float | None = Field(None, ge=0, description="5-minute load per CPU above")
+    gpu_temperature_warn_celsius: float | None = Field(85.0, description="GPU temperature above")
+    gpu_temperature_fail_celsius: float | None = Field(95.0, description="GPU temperature above")
+    gpu_memory_used_warn_ratio: float | None = Field(0.98, ge=0, le=1, description="GPU memory used above")
+    gpu_memory_used_fail_ratio: float | None = Field(None, ge=0, le=1, description="GPU memory used above")
+    gpu_xid_warn: int | None = Field(1, ge=1, description="XID errors since start, at least")
+    gpu_xid_fail: int | None = Field(None, ge=1, description="XID errors since start, at least")
+
+
 class ExporterConfig(Model):
     """``[exporter]``: the Prometheus and health listener."""
 
     listen: str | None = Field("127.0.0.1:9180", description="host:port, or empty to disable")
     scrape_timeout: Duration = Field(2.0, gt=0, description="per worker /metrics fetch")
     disk_paths: list[Path] = Field(default_factory=lambda: [Path("/")])
+    host_checks: HostChecksConfig = Field(default_factory=HostChecksConfig)
+    health_period: Duration = Field(5.0, gt=0, description="seconds between host checks")
 
 
 class PluginsConfig(Model):
@@ -291,21 +319,113 @@ def _issues_from_validation(
     model: type[BaseModel],
     prefix: tuple[object, ...],
     origin: Callable[[tuple[object, ...]], Path | None],
+    data: object,
 ) -> list[ConfigIssue]:
-    issues = []
+    """Turn pydantic's errors into issues with clean key paths.
+
+    pydantic reports a value that matches no member of a union once per
+    member, each under a tag such as ``list[union[int,str]]``. Tags are
+    dropped from the path, only the members that got furthest into the value
+    are kept, and what is left at one path becomes one issue.
+    """
+    found: list[tuple[tuple[object, ...], str, tuple[object, ...] | None, str | None]] = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
-        full = prefix + loc
+        raw = tuple(err["loc"])
+        loc, union_at, member = _strip_union_tags(raw, data, keep_last=err["type"] == "missing")
         if err["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
             known = parent.model_fields if parent else {}
             message = "unknown key" + did_you_mean(str(loc[-1]), known)
         else:
             message = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("missing",) and "input" in err and _is_scalar(err["input"]):
+            loc, message = _key_named_in_message(model, loc, message)
+            if err["type"] != "missing" and "input" in err and _is_scalar(err["input"]):
                 message += f" (got {err['input']!r})"
-        issues.append(ConfigIssue(origin(full), format_path(full), message))
+        found.append((loc, message, union_at, member))
+
+    # Per union, keep only the members whose errors reach deepest into the value.
+    deepest: dict[tuple[object, ...], int] = {}
+    for loc, _, union_at, _ in found:
+        if union_at is not None:
+            deepest[union_at] = max(deepest.get(union_at, 0), len(loc))
+    kept = [f for f in found if f[2] is None or len(f[0]) == deepest[f[2]]]
+
+    issues: list[ConfigIssue] = []
+    merged: dict[tuple[object, ...], list[str]] = {}
+    for loc, message, union_at, _ in kept:
+        if union_at is None:
+            issues.append(ConfigIssue(origin(prefix + loc), format_path(prefix + loc), message))
+        elif message not in merged.setdefault(loc, []):
+            merged[loc].append(message)
+    for loc, messages in merged.items():
+        message = messages[0] if len(messages) == 1 else _one_of(model, loc, messages)
+        issues.append(ConfigIssue(origin(prefix + loc), format_path(prefix + loc), message))
     return issues
+
+
+def _strip_union_tags(
+    loc: tuple[object, ...], data: object, keep_last: bool
+) -> tuple[tuple[object, ...], tuple[object, ...] | None, str | None]:
+    """``loc`` without union tags, the path of the first union, and the member tag there.
+
+    A tag is a part of the path that is no key of the input at that point;
+    the last part is kept when it names a missing key.
+    """
+    clean: list[object] = []
+    union_at: tuple[object, ...] | None = None
+    member: str | None = None
+    node: Any = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        is_key = isinstance(node, dict) and part in node
+        is_index = isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node)
+        if is_key or is_index:
+            node = node[part]
+        elif isinstance(part, str) and not (last and keep_last):
+            if union_at is None:
+                union_at, member = tuple(clean), part
+            continue
+        else:
+            node = None
+        clean.append(part)
+    return tuple(clean), union_at, member
+
+
+_KEY_PREFIX_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*): (.+)$", re.DOTALL)
+
+
+def _key_named_in_message(
+    model: type[BaseModel], loc: tuple[object, ...], message: str
+) -> tuple[tuple[object, ...], str]:
+    """Move a leading ``key[i]: `` of a model validator's message into the path.
+
+    A validator that checks several fields at once names the key it is about
+    that way (``command[0]: prog does not exist``).
+    """
+    match = _KEY_PREFIX_RE.match(message)
+    if not match:
+        return loc, message
+    owner = _model_at(model, loc)
+    if owner is None or match.group(1) not in owner.model_fields:
+        return loc, message
+    indices = tuple(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
+    return loc + (match.group(1),) + indices, match.group(3)
+
+
+def _one_of(model: type[BaseModel], loc: tuple[object, ...], messages: list[str]) -> str:
+    """One message for a value that matched none of a union's members."""
+    parent = _model_at(model, loc[:-1]) if loc else None
+    field = parent.model_fields.get(str(loc[-1])) if parent is not None else None
+    got = ""
+    for m in messages:
+        if "(got " in m:
+            got = m[m.rindex(" (got "):]
+            break
+    if field is not None and field.description:
+        return f"expected {field.description}{got}"
+    parts = [m.removesuffix(got) if got else m for m in messages]
+    parts = [parts[0]] + [p.removeprefix("Input should be ") for p in parts[1:]]
+    return " or ".join(parts) + got
 
 
 def _is_scalar(value: object) -> bool:
@@ -449,18 +569,26 @@ def load_config(
     if not isinstance(raw_services, dict):
         issues.append(ConfigIssue(main, "services", "must be a table of services"))
         raw_services = {}
+    for internal in ("files", "secrets"):
+        # Fields the loader fills in; a config file cannot set them.
+        if internal in data:
+            data.pop(internal)
+            issues.append(ConfigIssue(sources((internal,)), internal, "unknown key"))
     try:
         top = CitadelConfig.model_validate(data)
     except ValidationError as exc:
-        issues.extend(_issues_from_validation(exc, CitadelConfig, (), sources))
+        issues.extend(_issues_from_validation(exc, CitadelConfig, (), sources, data))
         top = None
 
     services = _validate_services(raw_services, service_types, sources, base_dir, interp, issues)
     plugin_cfg = _validate_plugin_sections(
         data.get("plugin", {}), plugin_sections or {}, top, sources, issues
     )
+    # Checks across services run on those that validated, so that one run
+    # reports every problem; a service that failed is still a known name.
+    issues.extend(_cross_check(services, set(raw_services), sources))
     if top is None or issues:
-        raise ConfigError(issues)
+        raise ConfigError(_masked(issues, interp.secrets))
 
     daemon = top.daemon.model_copy(update={
         name: _resolve_path(getattr(top.daemon, name), base_dir)
@@ -469,7 +597,7 @@ def load_config(
     exporter = top.exporter.model_copy(update={
         "disk_paths": [_resolve_path(p, base_dir) for p in top.exporter.disk_paths]
     })
-    config = top.model_copy(update={
+    return top.model_copy(update={
         "daemon": daemon,
         "exporter": exporter,
         "services": services,
@@ -477,10 +605,13 @@ def load_config(
         "files": tuple(files),
         "secrets": frozenset(interp.secrets),
     })
-    cross = check_services(config, sources)
-    if cross:
-        raise ConfigError(cross)
-    return config
+
+
+def _masked(issues: list[ConfigIssue], secrets: Iterable[str]) -> list[ConfigIssue]:
+    """The issues with every secret value met while loading masked out of their messages."""
+    local = SecretMasker()
+    local.add_secrets(secrets)
+    return [ConfigIssue(i.file, i.path, local.mask(i.message)) for i in issues]
 
 
 def _validate_services(
@@ -532,7 +663,7 @@ def _validate_services(
         try:
             service = model.model_validate(table, context={"base_dir": base_dir})
         except ValidationError as exc:
-            issues.extend(_issues_from_validation(exc, model, loc, sources))
+            issues.extend(_issues_from_validation(exc, model, loc, sources, table))
             continue
         if service.cwd is not None:
             service = service.model_copy(update={"cwd": _resolve_path(service.cwd, base_dir)})
@@ -551,7 +682,9 @@ def _validate_plugin_sections(
     out: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return out
-    disabled = set(top.plugins.disable) if top else set()
+    from .plugins import disabled_from_env  # here: plugins.py is the heavier module
+
+    disabled = (set(top.plugins.disable) if top else set()) | disabled_from_env()
     for name, table in raw.items():
         loc: tuple[object, ...] = ("plugin", name)
         model = models.get(name)
@@ -566,34 +699,41 @@ def _validate_plugin_sections(
         try:
             out[name] = model.model_validate(table)
         except ValidationError as exc:
-            issues.extend(_issues_from_validation(exc, model, loc, sources))
+            issues.extend(_issues_from_validation(exc, model, loc, sources, table))
     return out
 
 
 def check_services(config: CitadelConfig, sources: Callable[[tuple[object, ...]], Path | None]) -> list[ConfigIssue]:
     """Checks across services: ``after`` names and cycles, port clashes."""
+    return _cross_check(config.services, set(config.services), sources)
+
+
+def _cross_check(
+    services: Mapping[str, ServiceConfig],
+    names: set[str],
+    sources: Callable[[tuple[object, ...]], Path | None],
+) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
-    names = set(config.services)
-    for name, service in config.services.items():
+    for name, service in services.items():
         for i, dep in enumerate(service.after):
-            loc = ("services", name, "after", i)
+            loc: tuple[object, ...] = ("services", name, "after", i)
             if dep == name:
                 issues.append(ConfigIssue(sources(loc), format_path(loc), "a service cannot come after itself"))
             elif dep not in names:
                 issues.append(ConfigIssue(sources(loc), format_path(loc),
                                           f"no service named {dep!r}{did_you_mean(dep, names)}"))
-    cycle = find_cycle({n: [d for d in s.after if d in names] for n, s in config.services.items()})
+    cycle = find_cycle({n: [d for d in s.after if d in services and d != n] for n, s in services.items()})
     if cycle:
         loc = ("services", cycle[0], "after")
         issues.append(ConfigIssue(sources(loc), format_path(loc),
                                   "startup order has a cycle: " + " -> ".join(cycle)))
     ports: dict[int, str] = {}
-    for name, service in config.services.items():
+    for name, service in services.items():
         for replica in range(service.replicas):
             port = service.port_for(replica)
             if port is None or port == 0:
                 continue
-            owner = config.worker_names(name)[replica]
+            owner = name if service.replicas == 1 else f"{name}.{replica}"
             if port in ports:
                 loc = ("services", name, "port")
                 issues.append(ConfigIssue(sources(loc), format_path(loc),

@@ -10,7 +10,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from .control.access import AccessPolicy
 from .control.server import ControlServer
 from .config import CitadelConfig, ConfigError, ConfigIssue, load_config
 from .events import EventBus, WorkerEvent
+from .gpu import GpuAllocation, GpuDetection, wait_released
+from .gpu_plan import plan_gpus
+from .exporter import Exporter
 from .health import BUILTIN_KINDS
 from .masking import masker
 from .plugins import PluginRegistry, load_plugins
@@ -30,7 +34,7 @@ from .process import become_subreaper, children
 from .statefile import StateFile
 from .supervisor import Supervisor
 from .systemd import Notifier
-from .worker import WorkerRuntime
+from .worker import Worker, WorkerRuntime
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +65,18 @@ def load_validated(path: Path, registry: PluginRegistry) -> CitadelConfig:
     return config
 
 
+def load_and_plan(
+    path: Path, registry: PluginRegistry, gpus: GpuDetection,
+    previous: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[CitadelConfig, GpuAllocation]:
+    """``load_validated``, then the GPUs of every worker; GPU problems are config errors too."""
+    config = load_validated(path, registry)
+    allocation, issues = plan_gpus(config, gpus, registry.service_types(), previous)
+    if issues:
+        raise ConfigError(issues)
+    return config, allocation
+
+
 def check_log_dir(path: Path) -> None:
     """Create the log folder and prove it writable; raise ``OSError`` naming it."""
     try:
@@ -75,10 +91,13 @@ def check_log_dir(path: Path) -> None:
 class Daemon:
     """The running citadeld."""
 
-    def __init__(self, config_path: Path, config: CitadelConfig, registry: PluginRegistry):
+    def __init__(self, config_path: Path, config: CitadelConfig, registry: PluginRegistry,
+                 gpus: GpuDetection, allocation: GpuAllocation):
         self.config_path = config_path
         self.config = config
         self.plugins = registry
+        self.gpus = gpus
+        self.allocation = allocation
         self.events = EventBus(self._on_event)
         self.notifier = Notifier()
         self.supervisor: Supervisor = None  # type: ignore[assignment]  # set in run()
@@ -86,6 +105,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._routes: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        #: Config reloads by result ("success", "failure"), for the exporter.
+        self.reloads: Counter[str] = Counter()
 
     def _on_event(self, event: WorkerEvent) -> None:
         self.plugins.call_each("citadel_worker_event", event=event)
@@ -110,6 +131,7 @@ class Daemon:
         if action == "start":
             if wait:
                 await sup.start_workers(workers)
+                await asyncio.gather(*(w.settled(w.info.config.startup_timeout) for w in workers))
             else:
                 for w in workers:
                     w.start()
@@ -137,9 +159,11 @@ class Daemon:
     async def _reload(self) -> tuple[bool, dict[str, Any]]:
         self.notifier.reloading()
         try:
-            new = load_validated(self.config_path, self.plugins)
+            previous = {name: w.info.gpu_uuids for name, w in self.supervisor.workers.items()}
+            new, allocation = load_and_plan(self.config_path, self.plugins, self.gpus, previous)
         except ConfigError as exc:
             logger.error("reload failed, nothing changed:\n{}", exc)
+            self.reloads["failure"] += 1
             self.notifier.status(f"reload failed; {self.supervisor.summary()}")
             self.notifier.notify("READY=1")
             return False, {"error": str(exc), "issues": [str(i) for i in exc.issues]}
@@ -147,11 +171,38 @@ class Daemon:
         if new.daemon != self.config.daemon or new.exporter != self.config.exporter:
             logger.warning("changes to [daemon] and [exporter] take effect when citadeld restarts")
         self.config = new
-        result = await self.supervisor.reload(new)
+        self.reloads["success"] += 1
+        self.allocation = allocation
+        result = await self.supervisor.reload(new, allocation)
         logger.info("reloaded: added {}, removed {}, changed {}",
                     result.added or "none", result.removed or "none", result.changed or "none")
         self.notifier.ready(self.supervisor.summary())
         return True, result.to_json()
+
+    # -- GPUs -------------------------------------------------------------------
+
+    async def _wait_gpus_released(self, worker: Worker) -> None:
+        """Before a restart: wait (bounded) until the dead worker's GPU memory is free."""
+        inventory = self.gpus.inventory
+        if inventory is None or not worker.info.gpu_uuids:
+            return
+        others = {pid for w in self.supervisor.workers.values()
+                  if w is not worker and w.proc is not None for pid in w.proc.members()}
+        await wait_released(inventory, worker.info.gpu_uuids, None,
+                            worker.info.config.gpu_release_timeout, other_pids=others)
+
+    async def _gpus_route(self, request: Any) -> Any:
+        """GET /v1/gpus: the inventory, and which worker holds which GPU."""
+        from .control.server import json_response
+
+        inventory = self.gpus.inventory
+        owners: dict[int, str] = {}
+        if inventory is not None:
+            await asyncio.to_thread(inventory.refresh)
+            for w in self.supervisor.workers.values():
+                if w.proc is not None:
+                    owners.update((pid, w.name) for pid in w.proc.members())
+        return json_response(self.gpus.to_json(owners, self.allocation.by_device()))
 
     # -- running ----------------------------------------------------------------
 
@@ -171,6 +222,11 @@ class Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         become_subreaper()
+        # Claim the control socket first: a second citadeld must stop here, before it
+        # touches the first one's workers (stop_leftovers below).
+        control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
+                                AccessPolicy.from_groups(cfg.daemon.control_groups, cfg.daemon.read_groups))
+        control.bind()
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         check_log_dir(cfg.daemon.log_dir)
         state_file = StateFile(cfg.daemon.state_dir / "workers.json")
@@ -182,11 +238,15 @@ class Daemon:
         async with aiohttp.ClientSession() as session:
             runtime = WorkerRuntime(session=session, plugins=self.plugins, events=self.events,
                                     state_file=state_file, probe_kinds=probe_kinds,
-                                    cgroup_tree=cgroup_tree)
-            self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime)
-            control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
-                                    AccessPolicy.from_groups(cfg.daemon.control_groups, cfg.daemon.read_groups))
+                                    cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory,
+                                    before_restart=self._wait_gpus_released)
+            self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
+            self.add_route("/gpus", self._gpus_route)
+            self.exporter = Exporter(self, session)
+            self.add_route("/health", self.exporter.health_route)
+            self._closers.append(self.exporter.close)
             await control.start()
+            await self.exporter.start()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.add_signal_handler(signum, self._queue_signal, signum)
             watchdog = loop.create_task(self._watchdog())

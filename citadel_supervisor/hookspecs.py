@@ -58,8 +58,10 @@ def citadel_config_sections() -> dict[str, type[BaseModel]]:
 def citadel_probe_kinds() -> dict[str, ProbeFactory]:
     """Return ``{kind: factory}`` for the probe kinds this plugin adds.
 
-    A factory is called as ``factory(probe_config, worker_info)`` and returns
-    an object with an ``async check() -> ProbeResult`` method.
+    A factory is called as ``factory(probe_config, worker_info, session)``
+    (the probe's ``ProbeConfig``, the worker's ``WorkerInfo`` and the daemon's
+    ``aiohttp.ClientSession``) and returns an object with an
+    ``async check() -> ProbeResult`` method.
     """
 
 

@@ -36,6 +36,24 @@ def escape_control(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
 
 
+# Every control character but tab and newline (the journal format prefixes each line).
+_UNSAFE_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _escape_message(record: Any) -> None:
+    """A loguru patcher: escape terminal control sequences in every message.
+
+    Worker lines are escaped when they are read; this also covers messages
+    that quote worker output or other untrusted text (an exit report's last
+    lines, a plugin's error), so no sink passes raw escapes to a terminal.
+    """
+    message = record["message"]
+    if _UNSAFE_RE.search(message):
+        record["message"] = _UNSAFE_RE.sub(
+            lambda m: m.group(0).encode("unicode_escape").decode("ascii"), message
+        )
+
+
 def resolve_format(fmt: str, stream: TextIO) -> str:
     """``auto`` -> ``journal`` under journald (``JOURNAL_STREAM``), else ``console``."""
     if fmt != "auto":
@@ -120,7 +138,11 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | None 
     """Configure loguru's one sink; returns the format chosen. Only citadeld's entry point calls this."""
     stream = stream or sys.stderr
     fmt = resolve_format(fmt, stream)
+    # citadeld's own HF_TOKEN or *_API_KEY may surface in any message (a
+    # plugin's error, a worker's output) before a config names it.
+    masker.add_env(os.environ)
     logger.remove()
+    logger.configure(patcher=_escape_message)
     common: dict[str, Any] = {"level": level, "backtrace": False, "diagnose": False, "catch": True}
     if fmt == "console":
         colour = hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("NO_COLOR")

@@ -7,6 +7,7 @@ every control API answer and ``citadelctl``'s output passes through
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -26,15 +27,21 @@ _PATTERNS: list[tuple[str, str]] = [
     (r"(?i)(authorization\s*[:=]\s*(?:bearer|basic|token)\s+)[^\s'\",]+", r"\1" + MASK),
     (r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=\-]{6,}", r"\1" + MASK),
     (
-        r"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?)"
-        r"[^\s'\",&;]+",
+        # A ${VAR} reference is where a secret comes from, not the secret: keep it readable.
+        (r"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?)"
+         r"(?!\$\{)[^\s'\",&;]+"),
         r"\1" + MASK,
     ),
     (r"(://[^/\s:@]+:)[^/\s@]+@", r"\1" + MASK + "@"),
+    # A command-line flag such as vLLM's "--api-key VALUE" or "--hf-token VALUE".
+    (
+        r"(?i)(--[A-Za-z0-9_\-]*(?:api[_-]?key|token|password|passwd|secret)\s+[\"']?)[^\s'\"]+",
+        r"\1" + MASK,
+    ),
 ]
 # A cheap substring test per pattern: most text contains none of these, and a
 # substring search is far faster than running the regex over a 64 KiB chunk.
-_HINTS = ("hf_", "sk-", "uthorization", "earer", "", "@")
+_HINTS = ("hf_", "sk-", "uthorization", "earer", "", "@", "--")
 
 
 def is_secret_name(name: str) -> bool:
@@ -61,10 +68,13 @@ class SecretMasker:
         """Mask this exact value from now on (short values are ignored)."""
         if not value or len(value) < _MIN_SECRET_LEN:
             return
+        # JSON lines and API answers escape quotes, backslashes, control and
+        # non-ASCII characters: mask the value in those spellings too.
+        spellings = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
         with self._lock:
-            if value in self._secrets:
+            if spellings <= self._secrets:
                 return
-            self._secrets.add(value)
+            self._secrets.update(spellings)
             self._compile()
 
     def add_secrets(self, values: Iterable[str]) -> None:

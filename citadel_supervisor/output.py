@@ -49,14 +49,19 @@ class RotatingFile:
         return self._fh
 
     def write(self, data: bytes, lines: int) -> None:
-        """Append ``data`` (``lines`` lines of it), rotating first if it would overflow."""
+        """Append ``data`` (``lines`` lines of it), rotating first if it would overflow.
+
+        A chunk larger than ``max_bytes`` is split at line ends, so each file
+        stays within ``max_bytes`` (a single longer line has a file to itself).
+        """
         try:
-            fh = self._open()
-            if self._size and self._size + len(data) > self.max_bytes:
-                self._rotate()
+            for piece in _line_runs(data, self.max_bytes):
                 fh = self._open()
-            os.write(fh, data)
-            self._size += len(data)
+                if self._size and self._size + len(piece) > self.max_bytes:
+                    self._rotate()
+                    fh = self._open()
+                os.write(fh, piece)
+                self._size += len(piece)
         except OSError:
             self.dropped_lines += lines
             self.close()
@@ -80,6 +85,20 @@ class RotatingFile:
             except OSError:
                 pass
             self._fh = None
+
+
+def _line_runs(data: bytes, limit: int) -> Iterable[bytes]:
+    """Split ``data`` at line ends into runs of at most ``limit`` bytes (longer lines whole)."""
+    while len(data) > limit:
+        cut = data.rfind(b"\n", 0, limit)
+        if cut < 0:
+            cut = data.find(b"\n", limit)
+            if cut < 0:
+                break
+        yield data[: cut + 1]
+        data = data[cut + 1:]
+    if data:
+        yield data
 
 
 class RateLimiter:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
 from .config import CitadelConfig, ServiceConfig
+from .gpu import GpuAllocation
 from .output import WorkerOutput
 from .services.base import ServiceType, WorkerInfo
 from .worker import Worker, WorkerRuntime, WorkerState
@@ -46,12 +47,24 @@ class ReloadResult:
                 "unchanged": self.unchanged}
 
 
+async def _wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds passed (False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
 class Supervisor:
     """Keeps every configured worker in the state the operator asked for."""
 
     def __init__(self, config: CitadelConfig, service_types: dict[str, ServiceType],
-                 runtime: WorkerRuntime):
+                 runtime: WorkerRuntime, allocation: GpuAllocation):
         self.config = config
+        self.allocation = allocation
         self.service_types = service_types
         self.runtime = runtime
         self.workers: dict[str, Worker] = {}
@@ -63,8 +76,11 @@ class Supervisor:
         infos = {}
         for service_name, service in config.services.items():
             for replica, name in enumerate(config.worker_names(service_name)):
+                gpus = self.allocation.workers.get(name)
                 infos[name] = WorkerInfo(name=name, service=service_name, replica=replica,
-                                         config=service, port=self._port(name, service, replica))
+                                         config=service, port=self._port(name, service, replica),
+                                         gpu_indices=gpus.indices if gpus else (),
+                                         gpu_uuids=gpus.uuids if gpus else ())
         return infos
 
     def _port(self, name: str, service: ServiceConfig, replica: int) -> int | None:
@@ -162,27 +178,46 @@ class Supervisor:
         await asyncio.gather(*(stop_service(n, m) for n, m in grouped.items()))
 
     async def restart_workers(self, workers: list[Worker], rolling: bool = False) -> None:
-        """Restart workers; ``rolling`` restarts one at a time, each waiting for the last to be ready."""
+        """Restart workers; ``rolling`` restarts one at a time, each once the last is ready again.
+
+        In a rolling restart a worker is only taken down while another replica
+        of its service is ready (waiting up to its ``startup_timeout`` for one),
+        so that the service keeps answering throughout.
+        """
         if not rolling:
-            for worker in workers:
-                worker.restart()
-            await asyncio.gather(*(w.settled(w.info.config.startup_timeout) for w in workers))
+            await asyncio.gather(*(self._restart_one(w) for w in workers))
             return
         for worker in workers:
-            worker.restart()
-            await worker.wait_for({WorkerState.STARTING, WorkerState.BACKOFF, WorkerState.FATAL}, 30)
-            await worker.wait_for({WorkerState.RUNNING, WorkerState.FATAL, WorkerState.STOPPED},
-                                  worker.info.config.startup_timeout)
-            if worker.state != WorkerState.RUNNING:
-                logger.error("rolling restart of {} stopped: {} is {}", worker.info.service,
-                             worker.name, worker.state.value)
+            if not await self._restart_one_rolling(worker):
                 return
-            await self._wait_ready(worker, worker.info.config.startup_timeout)
 
-    async def _wait_ready(self, worker: Worker, timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not worker.ready and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+    async def _restart_one(self, worker: Worker) -> None:
+        """Restart a worker and wait until its new process is running, or failed trying."""
+        old = worker.proc
+        worker.restart()
+        # Until the lifecycle task acts, the old process still runs and looks settled.
+        await _wait_until(lambda: (worker.proc is not None and worker.proc is not old) or not worker.wanted
+                          or worker.state in (WorkerState.BACKOFF, WorkerState.FATAL),
+                          worker.info.config.stop_timeout + 10)
+        await worker.settled(worker.info.config.startup_timeout)
+
+    async def _restart_one_rolling(self, worker: Worker) -> bool:
+        """Restart one worker once another replica is ready; True when it is ready again."""
+        timeout = worker.info.config.startup_timeout
+        peers = [w for w in self.workers.values()
+                 if w.info.service == worker.info.service and w is not worker and w.wanted]
+        if peers and not await _wait_until(lambda: any(p.ready for p in peers), timeout):
+            logger.warning("rolling restart of {}: no other replica is ready; restarting {} anyway",
+                           worker.info.service, worker.name)
+        old = worker.proc
+        worker.restart()
+        await _wait_until(lambda: (worker.proc is not None and worker.proc is not old and worker.ready)
+                          or worker.state == WorkerState.FATAL or not worker.wanted, timeout)
+        if not worker.ready:
+            logger.error("rolling restart of {} stopped: {} is {} and not ready", worker.info.service,
+                         worker.name, worker.state.value)
+            return False
+        return True
 
     async def shutdown(self) -> None:
         """Stop every worker (in reverse order) and close them."""
@@ -192,7 +227,7 @@ class Supervisor:
 
     # -- reload -------------------------------------------------------------
 
-    async def reload(self, new: CitadelConfig) -> ReloadResult:
+    async def reload(self, new: CitadelConfig, allocation: GpuAllocation) -> ReloadResult:
         """Apply a new, already validated config: start added services, stop removed
         ones, restart changed ones (rolling where there are replicas), leave the rest."""
         old = self.config
@@ -213,6 +248,7 @@ class Supervisor:
             del self.workers[worker.name]
             self._ports.pop(worker.name, None)
         self.config = new
+        self.allocation = allocation
         infos = self._infos(new)
         # Changed services: drop replicas that are gone, restart the rest with the new config.
         for name in result.changed:

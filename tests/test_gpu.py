@@ -25,7 +25,7 @@ from loguru import logger
 
 from citadel_supervisor import gpu as gpu_module
 from citadel_supervisor.config import CitadelConfig, ServiceConfig, load_config
-from citadel_supervisor.fake_nvml import FakeNvml, GiB
+from citadel_supervisor.gpu.fake_nvml import FakeNvml, GiB
 from citadel_supervisor.gpu import (
     FAKE_NVML_ENV,
     GpuInventory,
@@ -212,7 +212,8 @@ def test_real_nvml_without_a_driver_gives_no_inventory_and_says_why(monkeypatch:
 
 def test_the_fake_nvml_looks_like_pynvml() -> None:
     """Every NVML name gpu.py calls exists in pynvml and in the fake, and they fail alike."""
-    source = Path(gpu_module.__file__).read_text()
+    source = "".join(p.read_text() for p in Path(gpu_module.__file__).parent.glob("*.py")
+                     if p.name != "fake_nvml.py")
     used = set(re.findall(r"\b(nvml[A-Z]\w+|NVML_[A-Z_]+|NVMLError\w*)\b", source))
     assert {"nvmlInit", "nvmlDeviceGetComputeRunningProcesses", "nvmlEventSetWait_v2"} <= used
     for name in sorted(used):

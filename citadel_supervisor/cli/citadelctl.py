@@ -1,8 +1,9 @@
 """``citadelctl``: control citadeld over its Unix socket.
 
 Exit codes (the contract): 0 success; 1 the operation failed; 2 usage
-error; 3 daemon not reachable. Imports are kept lazy and light so that
-``citadelctl status`` answers fast.
+error; 3 daemon not reachable. Imports are kept lazy and light (no aiohttp,
+no pydantic, no ``http.client``) so that ``citadelctl status`` answers fast;
+``bench/bench_ctl_status.py`` measures it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import click
@@ -19,13 +21,16 @@ from ..control import API_PREFIX
 from ..control.client import ControlClient, ControlError, DaemonUnreachableError
 
 DEFAULT_SOCKET = "/run/citadel/control.sock"
+DEFAULT_CONFIG = "/etc/citadel/citadeld.toml"
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 _STATE_COLOURS = {"running": "green", "starting": "yellow", "backoff": "yellow",
                   "stopping": "yellow", "stopped": None, "fatal": "red"}
+_HEALTH_COLOURS = {"pass": "green", "warn": "yellow", "fail": "red"}
 
 
 def _mask(text: str) -> str:
+    """The one masking step (answers are masked by citadeld already; this catches the rest)."""
     from ..masking import masker
 
     return masker.mask(text)
@@ -36,65 +41,91 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     sys.exit(code)
 
 
+def _colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _socket_from_config(path: str) -> str | None:
-    try:
-        import tomllib
-    except ImportError:  # pragma: no cover
-        import tomli as tomllib  # type: ignore[no-redef]
+    """``daemon.control_socket`` from the config, read without validating it (fast)."""
+    import tomllib
+
     try:
         with open(path, "rb") as fh:
             value = tomllib.load(fh).get("daemon", {}).get("control_socket")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(value, str) or "${" in value:
         return None
     return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(path)), value)
 
 
+def _exit_code(exc: ControlError) -> int:
+    return EXIT_USAGE if exc.status in (400, 404, 405) else EXIT_FAILED
+
+
 class Ctl:
-    """What every subcommand needs: the client."""
+    """What every subcommand needs: the client, and failures turned into the contract's exit codes."""
 
     def __init__(self, socket_path: str):
+        self.socket_path = socket_path
         self.client = ControlClient(socket_path)
 
     def call(self, method: str, path: str, body: Any = None, timeout: float | None = -1.0) -> Any:
-        """Call the API, turning failures into the contract's exit codes."""
+        """Call the API; exit 3 when citadeld is unreachable, 1 or 2 when it says no."""
         try:
             return self.client.call(method, API_PREFIX + path, body, timeout)
         except DaemonUnreachableError as exc:
             _fail(str(exc), EXIT_UNREACHABLE)
         except ControlError as exc:
-            if isinstance(exc.data, dict) and exc.data.get("issues"):
-                _fail("\n".join(["reload failed; nothing changed:"] + exc.data["issues"]))
-            _fail(str(exc), EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED)
+            _fail(str(exc), _exit_code(exc))
 
-    def stream(self, path: str) -> Any:
-        """Stream lines from the API."""
+    def stream(self, path: str) -> Iterator[str]:
+        """Lines of a streamed answer."""
         try:
             yield from self.client.stream(API_PREFIX + path)
         except DaemonUnreachableError as exc:
             _fail(str(exc), EXIT_UNREACHABLE)
         except ControlError as exc:
-            _fail(str(exc), EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED)
+            _fail(str(exc), _exit_code(exc))
+
+
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of worker and service names, asked of the running citadeld."""
+    socket_path = (ctx.find_root().params.get("socket_path") or os.environ.get("CITADEL_SOCKET")
+                   or _socket_from_config(DEFAULT_CONFIG) or DEFAULT_SOCKET)
+    try:
+        workers = ControlClient(socket_path, timeout=2.0).call("GET", API_PREFIX + "/status")["workers"]
+    except Exception:  # noqa: BLE001  (completion must never fail loudly)
+        return []
+    names = sorted({w["service"] for w in workers} | {w["name"] for w in workers})
+    return [n for n in names if n.startswith(incomplete)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="CITADEL_SOCKET", metavar="PATH",
-              help=f"The control socket (default: the config's daemon.control_socket, else {DEFAULT_SOCKET}).")
+              help=f"The control socket (default: the config's daemon.control_socket, else "
+                   f"{DEFAULT_SOCKET}; env CITADEL_SOCKET).")
 @click.option("--config", "config_path", envvar="CITADEL_CONFIG", metavar="FILE",
-              help="Read the control socket's path from this config.")
+              help=f"Read the control socket's path from this config (default {DEFAULT_CONFIG}).")
 @click.pass_context
 def main(ctx: click.Context, socket_path: str | None, config_path: str | None) -> None:
-    """Control citadeld, the supervisor of LLM servers."""
+    """Control citadeld, the supervisor of LLM servers.
+
+    Exit codes: 0 success, 1 the operation failed, 2 usage error,
+    3 citadeld is not reachable.
+    """
     if socket_path is None:
-        socket_path = _socket_from_config(config_path or "/etc/citadel/citadeld.toml") or DEFAULT_SOCKET
+        socket_path = _socket_from_config(config_path or DEFAULT_CONFIG) or DEFAULT_SOCKET
     ctx.obj = Ctl(socket_path)
+
+
+# -- status -------------------------------------------------------------------
 
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = int(seconds)
+    seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -104,73 +135,141 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def _status_table(workers: list[dict[str, Any]], colour: bool) -> str:
+def _state_cell(w: dict[str, Any], now: float) -> str:
+    state = w["state"]
+    if state == "starting":
+        detail = [f"for {_duration(now - w['since'])}"] + ([w["phase"]] if w.get("phase") else [])
+        return f"starting ({', '.join(detail)})"
+    exit_ = w.get("last_exit")
+    if state in ("fatal", "backoff") and exit_:
+        return state + (f" (exit {exit_['code']})" if exit_.get("signal") is None
+                        else f" (signal {exit_['signal']})")
+    return state
+
+
+def status_table(workers: list[dict[str, Any]], colour: bool, now: float | None = None) -> str:
+    """The ``systemctl``-like table: one row per worker."""
+    now = time.time() if now is None else now
     header = ["NAME", "STATE", "PID", "GPUS", "PORT", "UPTIME", "RESTARTS", "READY"]
-    rows = []
-    now = time.time()
-    for w in workers:
-        state = w["state"]
-        if state == "starting":
-            state += f" ({_duration(now - w['since'])}" + (f", {w['phase']}" if w.get("phase") else "") + ")"
-        elif state == "fatal" and w.get("last_exit"):
-            exit_ = w["last_exit"]
-            state += f" (exit {exit_['code']})" if exit_["signal"] is None else f" (signal {exit_['signal']})"
-        rows.append([
-            w["name"], state, str(w["pid"] or "-"),
-            ",".join(str(g) for g in w["gpus"]) or "-", str(w["port"] or "-"),
-            _duration(w.get("uptime")), str(w["restarts"]), "yes" if w["ready"] else "no",
-        ])
+    rows = [[
+        w["name"], _state_cell(w, now), str(w["pid"] or "-"),
+        ",".join(str(g) for g in w["gpus"]) or "-", str(w["port"] or "-"),
+        _duration(w.get("uptime")) if w["state"] in ("running", "starting") else "-",
+        str(w["restarts"]), "yes" if w["ready"] else "no",
+    ] for w in workers]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip()]
     for w, row in zip(workers, rows):
         cells = [c.ljust(widths[i]) for i, c in enumerate(row)]
-        if colour and _STATE_COLOURS.get(w["state"]):
-            cells[1] = click.style(cells[1], fg=_STATE_COLOURS[w["state"]])
+        fg = _STATE_COLOURS.get(w["state"])
+        if colour and fg:
+            cells[1] = click.style(cells[1], fg=fg)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: {\"workers\": [...]}.")
-@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"workers": [...]}.')
+@click.argument("names", nargs=-1, shell_complete=_complete_names)
 @click.pass_obj
 def status(ctl: Ctl, as_json: bool, names: tuple[str, ...]) -> None:
-    """Show every worker (or the NAMES given)."""
-    data = ctl.call("GET", "/status")
-    workers = data["workers"]
+    """Show every worker (or those of the NAMES given)."""
+    workers = ctl.call("GET", "/status")["workers"]
     if names:
         workers = [w for w in workers if w["name"] in names or w["service"] in names]
         if not workers:
             _fail(f"no worker or service named {', '.join(names)}", EXIT_USAGE)
     if as_json:
-        click.echo(_mask(json.dumps({"workers": workers}, indent=2)))
-        return
-    if not workers:
+        click.echo(json.dumps({"workers": workers}, indent=2))
+    elif not workers:
         click.echo("no workers configured")
-        return
-    click.echo(_mask(_status_table(workers, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))))
+    else:
+        click.echo(status_table(workers, _colour()))
+
+
+# -- start, stop, restart -----------------------------------------------------
+
+
+class _Progress:
+    """Prints the state changes of the workers being acted on, from ``GET /v1/events``."""
+
+    def __init__(self, ctl: Ctl, names: tuple[str, ...], everything: bool):
+        import threading
+
+        self.names = set(names)
+        self.everything = everything
+        self.lock = threading.Lock()
+        self.done = False
+        lines, self.sock = ctl.client.open_stream(API_PREFIX + "/events")
+        self.thread = threading.Thread(target=self._print, args=(lines,), daemon=True)
+        self.thread.start()
+
+    def _print(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("kind") != "state" or not (
+                    self.everything or event["worker"] in self.names or event["service"] in self.names):
+                continue
+            text = f"{event['worker']}: {event['old_state']} -> {event['state']}"
+            pid = event.get("detail", {}).get("pid")
+            with self.lock:
+                if self.done:
+                    return
+                click.echo(text + (f" (pid {pid})" if pid else ""), err=True)
+
+    def close(self) -> None:
+        """Stop printing and end the stream."""
+        import socket
+
+        with self.lock:
+            self.done = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _act(ctl: Ctl, action: str, names: tuple[str, ...], everything: bool, wait: bool,
          rolling: bool = False) -> None:
     if not names and not everything:
         _fail(f"name the workers or services to {action}, or give --all", EXIT_USAGE)
+    if names and everything:
+        _fail("give names or --all, not both", EXIT_USAGE)
+    wait = wait or rolling  # a rolling restart answers when it is done
+    progress = None
+    if wait:
+        try:
+            progress = _Progress(ctl, names, everything)
+        except (DaemonUnreachableError, ControlError):
+            progress = None  # the call below reports the problem
     body = {"names": list(names), "all": everything, "wait": wait, "rolling": rolling}
-    data = ctl.call("POST", f"/{action}", body, timeout=None if (wait or rolling) else 30.0)
+    try:
+        data = ctl.call("POST", f"/{action}", body, timeout=None if wait else 30.0)
+    finally:
+        if progress is not None:
+            progress.close()
+    wanted = ("stopped", "fatal") if action == "stop" else ("running",)
     failed = []
     for w in data["workers"]:
-        click.echo(_mask(f"{w['name']}: {w['state']}" + (f" (pid {w['pid']})" if w["pid"] else "")))
-        if wait and action != "stop" and w["state"] not in ("running",):
+        line = f"{w['name']}: {w['state']}" + (f" (pid {w['pid']})" if w["pid"] else "")
+        if wait and w["state"] not in wanted:
             failed.append(w["name"])
-        if wait and action == "stop" and w["state"] not in ("stopped", "fatal"):
-            failed.append(w["name"])
+            if w.get("last_error"):
+                line += f": {w['last_error']}"
+        click.echo(_mask(line))
     if failed:
-        _fail(f"not {'stopped' if action == 'stop' else 'running'}: {', '.join(failed)}")
+        _fail(f"not {'stopped' if action == 'stop' else 'running'}: {', '.join(failed)} "
+              "(see `citadelctl status` and `citadelctl logs NAME`)")
 
 
-_NAMES = click.argument("names", nargs=-1)
+_NAMES = click.argument("names", nargs=-1, shell_complete=_complete_names)
 _ALL = click.option("--all", "everything", is_flag=True, help="Every worker.")
-_WAIT = click.option("--wait", is_flag=True, help="Block until the workers are running (or stopped).")
+_WAIT = click.option("--wait", is_flag=True,
+                     help="Block until the workers are running (or stopped), showing progress; "
+                          "exit 1 if one is not.")
 
 
 @main.command()
@@ -197,28 +296,45 @@ def stop(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool) -> None
 @_NAMES
 @_ALL
 @_WAIT
-@click.option("--rolling", is_flag=True, help="One replica at a time, each once the last is ready.")
+@click.option("--rolling", is_flag=True,
+              help="One worker at a time, each once the last is ready again (implies --wait).")
 @click.pass_obj
 def restart(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool, rolling: bool) -> None:
     """Restart workers or services."""
     _act(ctl, "restart", names, everything, wait, rolling)
 
 
+# -- reload ---------------------------------------------------------------------
+
+
 @main.command()
 @click.pass_obj
 def reload(ctl: Ctl) -> None:
-    """Reload the config; report what changed (nothing changes on error)."""
-    data = ctl.call("POST", "/reload", {}, timeout=None)
-    for key in ("added", "removed", "changed"):
-        if data.get(key):
-            click.echo(f"{key}: {', '.join(data[key])}")
-    if not any(data.get(k) for k in ("added", "removed", "changed")):
+    """Reload the config and apply what changed; on a config error nothing changes (exit 1)."""
+    try:
+        data = ctl.client.call("POST", API_PREFIX + "/reload", {}, timeout=None)
+    except DaemonUnreachableError as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except ControlError as exc:
+        if exc.status == 422 and isinstance(exc.data, dict):
+            issues = exc.data.get("issues") or [str(exc)]
+            _fail("\n".join(["reload failed, nothing changed:"] + [f"  {i}" for i in issues]))
+        _fail(str(exc), _exit_code(exc))
+    changes = [(key, data.get(key) or []) for key in ("added", "removed", "changed")]
+    for key, services in changes:
+        if services:
+            click.echo(f"{key}: {', '.join(services)}")
+    if not any(services for _, services in changes):
         click.echo("no changes")
 
 
+# -- reading ----------------------------------------------------------------------
+
+
 @main.command()
-@click.argument("name")
-@click.option("-n", "lines", type=int, default=100, show_default=True, help="Recent lines to show.")
+@click.argument("name", shell_complete=_complete_names)
+@click.option("-n", "lines", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Recent lines to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.pass_obj
 def logs(ctl: Ctl, name: str, lines: int, follow: bool) -> None:
@@ -226,39 +342,92 @@ def logs(ctl: Ctl, name: str, lines: int, follow: bool) -> None:
     from urllib.parse import quote
 
     try:
-        for line in ctl.stream(f"/logs/{quote(name)}?n={lines}&follow={int(follow)}"):
+        for line in ctl.stream(f"/logs/{quote(name, safe='')}?n={lines}&follow={int(follow)}"):
             click.echo(_mask(line))
     except KeyboardInterrupt:
         pass
 
 
 @main.command()
-@click.option("-f", "--follow", is_flag=True, help="Keep printing events (the default streams forever).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing events as they happen.")
 @click.pass_obj
 def events(ctl: Ctl, follow: bool) -> None:
-    """Stream worker events (state changes, exits, restarts) as JSON lines."""
+    """Worker events as JSON lines: a snapshot of every worker, then (-f) each state change."""
     try:
-        for line in ctl.stream("/events"):
+        for line in ctl.stream(f"/events?snapshot=1&follow={int(follow)}"):
             click.echo(_mask(line))
     except KeyboardInterrupt:
         pass
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
+@click.pass_obj
+def health(ctl: Ctl, as_json: bool) -> None:
+    """citadeld's health: every check, pass, warn or fail (exit 1 on fail)."""
+    data = ctl.call("GET", "/health")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        colour = _colour()
+        overall = str(data.get("status", "?"))
+        click.echo("status: " + (click.style(overall, fg=_HEALTH_COLOURS.get(overall)) if colour
+                                 else overall))
+        for check, results in (data.get("checks") or {}).items():
+            for r in results if isinstance(results, list) else [results]:
+                who = r.get("componentId") or r.get("component") or ""
+                value = r.get("observedValue")
+                text = f"  {check}{' ' + who if who else ''}: {r.get('status', '?')}"
+                if value is not None:
+                    text += f" ({value}{' ' + r['observedUnit'] if r.get('observedUnit') else ''})"
+                if r.get("output"):
+                    text += f": {r['output']}"
+                click.echo(_mask(text))
+    if data.get("status") == "fail":
+        sys.exit(EXIT_FAILED)
+
+
+def _mib(value: Any) -> str:
+    return f"{value // (1024 * 1024)}" if isinstance(value, int) else "-"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
+@click.pass_obj
+def gpus(ctl: Ctl, as_json: bool) -> None:
+    """The GPUs, their memory, and which worker holds which GPU."""
+    data = ctl.call("GET", "/gpus")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data.get("available"):
+        click.echo(f"no GPUs: {data.get('reason') or 'NVML found none'}")
+        return
+    header = ["INDEX", "NAME", "MEMORY (MiB)", "WORKERS", "UUID"]
+    rows = [[str(g.get("index", "?")), str(g.get("name", "?")),
+             f"{_mib(g.get('memory_used'))}/{_mib(g.get('memory_total'))}",
+             ",".join(g.get("workers") or []) or "-", str(g.get("uuid", "?"))]
+            for g in data.get("gpus", [])]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
 @click.pass_obj
 def plugins(ctl: Ctl, as_json: bool) -> None:
     """List plugins: name, version, hooks, and why one failed to load."""
     data = ctl.call("GET", "/plugins")
     if as_json:
-        click.echo(_mask(json.dumps(data, indent=2)))
+        click.echo(json.dumps(data, indent=2))
         return
     for p in data["plugins"]:
-        version = f"{p['distribution']} {p['version']}" if p["distribution"] else "-"
+        version = f"{p['distribution']} {p['version']}" if p.get("distribution") else "built-in"
         click.echo(f"{p['name']:<16} {p['status']:<9} {version}")
-        if p["hooks"]:
+        if p.get("hooks"):
             click.echo(f"  hooks: {', '.join(p['hooks'])}")
-        if p["error"]:
+        if p.get("error"):
             click.echo(_mask(f"  error: {p['error']}"))
 
 

@@ -1,9 +1,7 @@
-"""The control API server: HTTP + JSON on a Unix socket, with access checks and limits.
+"""The control API server: the socket, its limits, and the aiohttp application on it.
 
 ``curl --unix-socket /run/citadel/control.sock http://citadel/v1/status``
-works. GET paths read (status, health, logs, events, plugins, gpus); POST
-paths act (start, stop, restart, reload) and need control access. Every
-answer passes through the secret masker.
+works. The routes are in ``routes``, the access checks in ``guard``.
 """
 
 from __future__ import annotations
@@ -14,226 +12,81 @@ import json
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from loguru import logger
 
-from .. import __version__
-from ..masking import masker
-from ..supervisor import UnknownWorkerError
 from . import API_PREFIX
-from .access import AccessPolicy, Peer
+from .access import AccessPolicy
+from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_REQUESTS_KEY, guard
+from .responses import error_response, json_response
+from .routes import BODY_TIMEOUT_KEY, DAEMON_KEY, ROUTES, ROUTES_KEY, extra_route
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-MAX_REQUEST_BYTES = 64 * 1024
-READ_TIMEOUT = 10.0
-MAX_CONNECTIONS = 64
-
-_ACCESS = web.AppKey("access", AccessPolicy)
-_DAEMON = web.AppKey("daemon", object)
+# Routes other modules add (``Daemon.add_route``) answer with these.
+__all__ = ["ControlLimits", "ControlServer", "SocketInUseError", "bind_socket", "error_response",
+           "json_response", "make_app"]
 
 
 class SocketInUseError(RuntimeError):
     """Another citadeld answers on the control socket."""
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
-    """A JSON answer, masked."""
-    return web.Response(text=masker.mask(json.dumps(data)), status=status,
-                        content_type="application/json")
+@dataclass(frozen=True)
+class ControlLimits:
+    """What one caller may take from the daemon.
+
+    ``read_timeout``: seconds to send a whole request (headers, then body);
+    an idle or stalled connection is closed after it. ``max_connections``:
+    open connections; one more is answered 503 and closed. ``max_requests``:
+    requests in handlers at once (503 beyond). ``max_body``: bytes (413 beyond).
+    """
+
+    read_timeout: float = 10.0
+    max_connections: int = 64
+    max_requests: int = 64
+    max_body: int = 64 * 1024
+
+    @classmethod
+    def from_env(cls) -> ControlLimits:
+        """The defaults, overridden by ``CITADEL_CONTROL_READ_TIMEOUT``,
+        ``CITADEL_CONTROL_MAX_CONNECTIONS``, ``CITADEL_CONTROL_MAX_REQUESTS``, ``CITADEL_CONTROL_MAX_BODY``."""
+        def number(name: str, default: float, kind: type) -> Any:
+            raw = os.environ.get(f"CITADEL_CONTROL_{name}")
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                logger.warning("ignoring CITADEL_CONTROL_{}={!r}: not a number", name, raw)
+                return default
+            return value if value > 0 else default
+
+        d = cls()
+        return cls(number("READ_TIMEOUT", d.read_timeout, float),
+                   number("MAX_CONNECTIONS", d.max_connections, int),
+                   number("MAX_REQUESTS", d.max_requests, int),
+                   number("MAX_BODY", d.max_body, int))
 
 
-def error_response(status: int, message: str) -> web.Response:
-    """``{"error": message}`` with a status."""
-    return json_response({"error": message}, status)
-
-
-@web.middleware
-async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Check the caller, cap concurrency, and turn every failure into an error answer."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    policy: AccessPolicy = request.app[_ACCESS]
-    try:
-        peer = Peer.of(sock)
-    except (OSError, AttributeError):
-        return error_response(403, "cannot read the caller's credentials")
-    access = policy.access(peer)
-    needed = "read" if request.method in ("GET", "HEAD") else "control"
-    if access == "none" or (needed == "control" and access != "control"):
-        logger.warning("control socket: refused {} {} from {} (needs {} access)",
-                       request.method, request.path, peer.describe(), needed)
-        return error_response(403, f"permission denied: {peer.describe()} may not {needed} "
-                                   "citadeld (see daemon.control_groups and daemon.read_groups)")
-    state = request.app["connections"]
-    if state["active"] >= MAX_CONNECTIONS:
-        return error_response(503, "too many concurrent requests; try again")
-    state["active"] += 1
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except UnknownWorkerError as exc:
-        return error_response(404, str(exc))
-    except (ValueError, TypeError, KeyError) as exc:
-        return error_response(400, masker.mask(f"bad request: {exc}"))
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # the daemon answers, whatever went wrong in a handler
-        logger.opt(exception=exc).error("control API error on {} {}", request.method, request.path)
-        return error_response(500, masker.mask(f"internal error: {type(exc).__name__}: {exc}"))
-    finally:
-        state["active"] -= 1
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        raw = await asyncio.wait_for(request.read(), READ_TIMEOUT)
-    except asyncio.TimeoutError:
-        raise web.HTTPRequestTimeout(text="request body not received in time") from None
-    try:
-        data = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ValueError("the body must be a JSON object")
-    return data
-
-
-def _names(body: dict[str, Any]) -> tuple[list[str], bool]:
-    names = body.get("names", [])
-    everything = body.get("all", False)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError("'names' must be a list of strings")
-    if not isinstance(everything, bool):
-        raise ValueError("'all' must be true or false")
-    if not names and not everything:
-        raise ValueError("give worker or service names, or all = true")
-    return names, everything
-
-
-def _daemon(request: web.Request) -> Daemon:
-    return request.app[_DAEMON]  # type: ignore[return-value]
-
-
-async def version(request: web.Request) -> web.Response:
-    """GET /v1/version."""
-    return json_response({"version": __version__, "api": API_PREFIX.strip("/"), "pid": os.getpid()})
-
-
-async def status(request: web.Request) -> web.Response:
-    """GET /v1/status: ``{"workers": [...]}``."""
-    return json_response({"workers": _daemon(request).supervisor.status()})
-
-
-async def _act(request: web.Request, action: str) -> web.Response:
-    body = await _body(request)
-    names, everything = _names(body)
-    wait = bool(body.get("wait", False))
-    rolling = bool(body.get("rolling", False))
-    daemon = _daemon(request)
-    result = await daemon.act(action, names, everything, wait=wait, rolling=rolling)
-    return json_response(result)
-
-
-async def start(request: web.Request) -> web.Response:
-    """POST /v1/start ``{"names": [...]} | {"all": true}``, optional ``"wait": true``."""
-    return await _act(request, "start")
-
-
-async def stop(request: web.Request) -> web.Response:
-    """POST /v1/stop."""
-    return await _act(request, "stop")
-
-
-async def restart(request: web.Request) -> web.Response:
-    """POST /v1/restart, optional ``"rolling": true``."""
-    return await _act(request, "restart")
-
-
-async def reload(request: web.Request) -> web.Response:
-    """POST /v1/reload: the diff applied, or 422 with the config error."""
-    ok, result = await _daemon(request).reload()
-    return json_response(result, 200 if ok else 422)
-
-
-async def plugins(request: web.Request) -> web.Response:
-    """GET /v1/plugins."""
-    return json_response({"plugins": [r.to_json() for r in _daemon(request).plugins.records.values()]})
-
-
-async def logs(request: web.Request) -> web.StreamResponse:
-    """GET /v1/logs/{name}?n=N&follow=1: recent lines as text, then new ones as they come."""
-    daemon = _daemon(request)
-    workers = daemon.supervisor.resolve([request.match_info["name"]])
-    if len(workers) != 1:
-        raise ValueError(f"{request.match_info['name']!r} has {len(workers)} workers; name one of "
-                         + ", ".join(w.name for w in workers))
-    output = workers[0].output
-    n = int(request.query.get("n", "100"))
-    follow = request.query.get("follow") in ("1", "true", "yes")
-    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await resp.prepare(request)
-    queue = output.follow() if follow else None
-    try:
-        backlog = "".join(line + "\n" for line in output.recent(n))
-        await resp.write(masker.mask(backlog).encode())
-        while queue is not None:
-            line = await queue.get()
-            if line is None:
-                break
-            await resp.write(masker.mask(line + "\n").encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        if queue is not None:
-            output.unfollow(queue)
-    return resp
-
-
-async def events(request: web.Request) -> web.StreamResponse:
-    """GET /v1/events: one JSON object per line, for every worker event, until the caller leaves."""
-    bus = _daemon(request).events
-    queue = bus.subscribe()
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    try:
-        if request.query.get("snapshot") in ("1", "true"):
-            for worker in _daemon(request).supervisor.status():
-                await resp.write(masker.mask(json.dumps({"kind": "snapshot", **worker}) + "\n").encode())
-        while True:
-            event = await queue.get()
-            await resp.write(masker.mask(json.dumps(event.to_json()) + "\n").encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        bus.unsubscribe(queue)
-    return resp
-
-
-def make_app(daemon: Daemon, policy: AccessPolicy) -> web.Application:
-    """The aiohttp application of the control API."""
-    app = web.Application(middlewares=[_guard], client_max_size=MAX_REQUEST_BYTES)
-    app[_ACCESS] = policy
-    app[_DAEMON] = daemon
-    app["connections"] = {"active": 0}
-    p = API_PREFIX
-    app.router.add_get(p + "/version", version)
-    app.router.add_get(p + "/status", status)
-    app.router.add_post(p + "/start", start)
-    app.router.add_post(p + "/stop", stop)
-    app.router.add_post(p + "/restart", restart)
-    app.router.add_post(p + "/reload", reload)
-    app.router.add_get(p + "/plugins", plugins)
-    app.router.add_get(p + "/logs/{name}", logs)
-    app.router.add_get(p + "/events", events)
-    for path, handler in daemon.extra_routes():
-        app.router.add_get(p + path, handler)
+def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None = None) -> web.Application:
+    """The aiohttp application of the control API: built-in routes plus ``daemon.extra_routes()``."""
+    limits = limits or ControlLimits()
+    app = web.Application(middlewares=[guard], client_max_size=limits.max_body)
+    app[ACCESS_KEY] = policy
+    app[DAEMON_KEY] = daemon
+    app[MAX_REQUESTS_KEY] = limits.max_requests
+    app[ACTIVE_KEY] = {"n": 0}
+    app[BODY_TIMEOUT_KEY] = limits.read_timeout
+    routes = ROUTES + [extra_route(path, handler) for path, handler in daemon.extra_routes()]
+    app[ROUTES_KEY] = routes
+    for route in routes:
+        app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
     return app
 
 
@@ -256,14 +109,15 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
             probe.settimeout(1.0)
             probe.connect(str(path))
         except OSError:
-            logger.info("removing stale control socket {}", path)
+            logger.info("replacing stale control socket {} (nothing answers on it)", path)
             path.unlink()
         else:
-            raise SocketInUseError(f"another citadeld is running: it answers on {path}")
+            raise SocketInUseError(f"another citadeld is running: it answers on {path}; "
+                                   "stop it first, or give this one another daemon.control_socket")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)
+    old_umask = os.umask(0o117)  # never world-accessible, not even between bind and chmod
     try:
         sock.bind(str(path))
     finally:
@@ -281,23 +135,68 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     return sock
 
 
+class _Refusal(asyncio.Protocol):
+    """Answers one connection too many with a 503 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = json.dumps({"error": "too many connections to citadeld; try again"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        transport.write(head + body)  # type: ignore[attr-defined]
+        transport.close()
+
+
+class _CappedSite(web.SockSite):
+    """A ``SockSite`` that refuses connections beyond ``max_connections``."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, max_connections: int):
+        super().__init__(runner, sock)
+        self._max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= self._max_connections:
+                logger.warning("control socket: {} connections open; refusing another",
+                               len(server.connections))
+                return _Refusal()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, sock=self._sock, backlog=self._backlog)
+
+
 class ControlServer:
     """Runs the control app on its socket."""
 
-    def __init__(self, daemon: Daemon, path: Path, group: str | None, policy: AccessPolicy):
+    def __init__(self, daemon: Daemon, path: Path, group: str | None, policy: AccessPolicy,
+                 limits: ControlLimits | None = None):
         self.daemon = daemon
         self.path = path
         self.group = group
         self.policy = policy
+        self.limits = limits or ControlLimits.from_env()
+        self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
 
+    def bind(self) -> None:
+        """Claim the socket (raises ``SocketInUseError`` if another citadeld holds it)."""
+        if self._sock is None:
+            self._sock = bind_socket(self.path, self.group)
+
     async def start(self) -> None:
-        """Bind and serve."""
-        sock = bind_socket(self.path, self.group)
-        self._runner = web.AppRunner(make_app(self.daemon, self.policy), access_log=None,
-                                     handle_signals=False, shutdown_timeout=1.0)
+        """Bind (if not yet) and serve."""
+        self.bind()
+        assert self._sock is not None
+        # keepalive_timeout also closes a connection that has not sent a whole request in time.
+        self._runner = web.AppRunner(make_app(self.daemon, self.policy, self.limits), access_log=None,
+                                     handle_signals=False, shutdown_timeout=1.0,
+                                     keepalive_timeout=self.limits.read_timeout)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await _CappedSite(self._runner, self._sock, self.limits.max_connections).start()
         logger.info("control socket on {}", self.path)
 
     async def close(self) -> None:
@@ -305,6 +204,9 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
         try:
             self.path.unlink()
         except FileNotFoundError:

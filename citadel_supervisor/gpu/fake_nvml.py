@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .gpu import parse_cpulist
+from .inventory import parse_cpulist
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

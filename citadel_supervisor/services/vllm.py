@@ -82,7 +82,8 @@ class VllmConfig(ServiceConfig):
             path = Path(self.model).expanduser()
             path = path if path.is_absolute() else base / path
             if not path.exists():
-                raise ValueError(f"model: {self.model} does not exist ({path}); prepare it or fix the path")
+                shown = self.model if str(path) == self.model else f"{self.model} ({path})"
+                raise ValueError(f"model: {shown} does not exist; prepare it or fix the path")
             object.__setattr__(self, "model", str(path.resolve()))
         if "/" in self.python:
             python = Path(self.python).expanduser()

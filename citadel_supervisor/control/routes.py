@@ -1,0 +1,298 @@
+"""The control API's routes: one handler each, and the table the app and the OpenAPI document use.
+
+GET paths read (status, logs, events, plugins, version, and what other parts
+add: health, gpus); POST paths act (start, stop, restart, reload) and need
+control access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..masking import masker
+from . import API_PREFIX
+from .responses import BadRequestError, json_response
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+DAEMON_KEY = web.AppKey("daemon", object)
+#: Seconds a caller has to send a request body once its headers arrived.
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One path of the API, with what the OpenAPI document says about it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    #: JSON schema of the request body (POST), or None.
+    body: dict[str, Any] | None = None
+    #: JSON schema of a 200 answer; None for streams.
+    answer: dict[str, Any] | None = None
+    #: The media type of a streamed answer.
+    stream: str | None = None
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON_KEY]  # type: ignore[return-value]
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        raw = await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT_KEY])
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(reason="request body not received in time") from None
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return data
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{key!r} must be true or false")
+    return value
+
+
+def _names(body: dict[str, Any]) -> tuple[list[str], bool]:
+    unknown = set(body) - {"names", "all", "wait", "rolling"}
+    if unknown:
+        raise BadRequestError(f"unknown keys: {', '.join(sorted(unknown))} "
+                              "(known: names, all, wait, rolling)")
+    names = body.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BadRequestError("'names' must be a list of strings")
+    everything = _flag(body, "all")
+    if not names and not everything:
+        raise BadRequestError("give worker or service names, or all = true")
+    return names, everything
+
+
+_YES_NO = ("0", "1", "true", "false", "yes", "no")
+
+
+def _yes(request: web.Request, key: str, default: bool) -> bool:
+    value = request.query.get(key)
+    if value is None:
+        return default
+    if value not in _YES_NO:
+        raise BadRequestError(f"{key} must be one of {', '.join(_YES_NO)}, not {value!r}")
+    return value in ("1", "true", "yes")
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /v1/version."""
+    return json_response({"version": __version__, "api": API_PREFIX.strip("/"), "pid": os.getpid()})
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /v1/status: ``{"workers": [...]}``."""
+    return json_response({"workers": _daemon(request).supervisor.status()})
+
+
+async def _act(request: web.Request, action: str) -> web.Response:
+    body = await _body(request)
+    names, everything = _names(body)
+    wait, rolling = _flag(body, "wait"), _flag(body, "rolling")
+    result = await _daemon(request).act(action, names, everything, wait=wait, rolling=rolling)
+    return json_response(result)
+
+
+async def start(request: web.Request) -> web.Response:
+    """POST /v1/start."""
+    return await _act(request, "start")
+
+
+async def stop(request: web.Request) -> web.Response:
+    """POST /v1/stop."""
+    return await _act(request, "stop")
+
+
+async def restart(request: web.Request) -> web.Response:
+    """POST /v1/restart."""
+    return await _act(request, "restart")
+
+
+async def reload(request: web.Request) -> web.Response:
+    """POST /v1/reload: the diff applied, or 422 with the config error."""
+    body = await _body(request)
+    if body:
+        raise BadRequestError("reload takes no parameters; send {} or nothing")
+    ok, result = await _daemon(request).reload()
+    return json_response(result, 200 if ok else 422)
+
+
+async def plugins(request: web.Request) -> web.Response:
+    """GET /v1/plugins."""
+    return json_response({"plugins": [r.to_json() for r in _daemon(request).plugins.records.values()]})
+
+
+def _lines_wanted(request: web.Request) -> int:
+    raw = request.query.get("n", "100")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise BadRequestError(f"n must be a whole number of lines, not {raw!r}") from None
+    if n < 0:
+        raise BadRequestError("n must not be negative")
+    return n
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    """GET /v1/logs/{name}?n=N&follow=1: recent lines as text, then new ones as they come."""
+    name = request.match_info["name"]
+    workers = _daemon(request).supervisor.resolve([name])
+    if len(workers) != 1:
+        raise BadRequestError(f"{name!r} has {len(workers)} workers; name one of "
+                              + ", ".join(w.name for w in workers))
+    n = _lines_wanted(request)
+    follow = _yes(request, "follow", False)
+    output = workers[0].output
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await resp.prepare(request)
+    queue = output.follow() if follow else None
+    try:
+        await resp.write(masker.mask("".join(line + "\n" for line in output.recent(n))).encode())
+        while queue is not None:
+            line = await queue.get()
+            if line is None:
+                break
+            await resp.write(masker.mask(line + "\n").encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        if queue is not None:
+            output.unfollow(queue)
+    return resp
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/events: one JSON object per line for every worker event, until the caller leaves."""
+    daemon = _daemon(request)
+    snapshot, follow = _yes(request, "snapshot", False), _yes(request, "follow", True)
+    queue = daemon.events.subscribe()
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    try:
+        if snapshot:
+            lines = [json.dumps({"kind": "snapshot", **w}) + "\n" for w in daemon.supervisor.status()]
+            await resp.write(masker.mask("".join(lines)).encode())
+        while follow:
+            event = await queue.get()
+            await resp.write(masker.mask(json.dumps(event.to_json()) + "\n").encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        daemon.events.unsubscribe(queue)
+    return resp
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /v1/openapi.json: this API, described."""
+    from .openapi import document
+
+    return json_response(document(request.app[ROUTES_KEY]))
+
+
+# -- schemas, for the OpenAPI document ---------------------------------------
+
+_ACTION_BODY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "names": {"type": "array", "items": {"type": "string"},
+                  "description": "worker (svc.N) or service names"},
+        "all": {"type": "boolean", "default": False, "description": "every worker"},
+        "wait": {"type": "boolean", "default": False,
+                 "description": "answer once the workers are running (stopped for stop), or failed"},
+        "rolling": {"type": "boolean", "default": False,
+                    "description": "restart: one worker at a time, each once the last is ready"},
+    },
+}
+_WORKER: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "service", "state", "pid", "restarts", "ready", "gpus", "port", "since",
+                 "last_exit"],
+    "properties": {
+        "name": {"type": "string"}, "service": {"type": "string"}, "type": {"type": "string"},
+        "state": {"enum": ["stopped", "starting", "running", "backoff", "stopping", "fatal"]},
+        "pid": {"type": ["integer", "null"]}, "restarts": {"type": "integer"},
+        "ready": {"type": "boolean"}, "gpus": {"type": "array", "items": {"type": "integer"}},
+        "port": {"type": ["integer", "null"]},
+        "since": {"type": "number", "description": "epoch seconds of the last state change"},
+        "uptime": {"type": ["number", "null"]},
+        "last_exit": {"oneOf": [{"type": "null"}, {
+            "type": "object", "properties": {"code": {"type": ["integer", "null"]},
+                                             "signal": {"type": ["integer", "null"]}}}]},
+        "phase": {"type": ["string", "null"], "description": "what a starting worker is doing"},
+    },
+}
+_WORKERS: dict[str, Any] = {"type": "object", "required": ["workers"],
+                            "properties": {"workers": {"type": "array", "items": _WORKER}}}
+_NAMES_LIST: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+
+ROUTES_KEY = web.AppKey("routes", list)
+
+ROUTES: list[Route] = [
+    Route("GET", "/version", version, "citadeld's version, API version and pid",
+          answer={"type": "object", "properties": {"version": {"type": "string"},
+                                                   "api": {"type": "string"},
+                                                   "pid": {"type": "integer"}}}),
+    Route("GET", "/status", status, "every worker, as `citadelctl status --json` prints it",
+          answer=_WORKERS),
+    Route("POST", "/start", start, "start workers or services (clears fatal)",
+          body=_ACTION_BODY, answer=_WORKERS),
+    Route("POST", "/stop", stop, "stop workers or services (their whole process trees)",
+          body=_ACTION_BODY, answer=_WORKERS),
+    Route("POST", "/restart", restart, "restart workers or services; rolling: one at a time",
+          body=_ACTION_BODY, answer=_WORKERS),
+    Route("POST", "/reload", reload,
+          "reload the config file and apply the diff; 422 with the issues, changing nothing, "
+          "when it is invalid",
+          body={"type": "object", "maxProperties": 0},
+          answer={"type": "object", "properties": {k: _NAMES_LIST for k in
+                                                   ("added", "removed", "changed", "unchanged")}}),
+    Route("GET", "/plugins", plugins, "plugins: name, status, distribution, version, hooks, error",
+          answer={"type": "object", "properties": {"plugins": {"type": "array",
+                                                                "items": {"type": "object"}}}}),
+    Route("GET", "/logs/{name}", logs, "a worker's recent output, then new lines with follow",
+          stream="text/plain",
+          query={"n": {"type": "integer", "minimum": 0, "default": 100},
+                 "follow": {"type": "string", "enum": list(_YES_NO), "default": "0"}}),
+    Route("GET", "/events", events,
+          "worker events as JSON lines (kind, worker, service, state, old_state, ready, time, "
+          "detail), until the caller leaves; snapshot=1 first lists every worker; follow=0 ends "
+          "after the snapshot",
+          stream="application/x-ndjson",
+          query={"snapshot": {"type": "string", "enum": list(_YES_NO), "default": "0"},
+                 "follow": {"type": "string", "enum": list(_YES_NO), "default": "1"}}),
+    Route("GET", "/openapi.json", openapi, "this document", answer={"type": "object"}),
+]
+
+
+def extra_route(path: str, handler: Handler) -> Route:
+    """A GET route another part of citadeld adds (health, gpus): summary from its docstring."""
+    doc = (handler.__doc__ or "").strip().splitlines()
+    return Route("GET", path, handler, doc[0] if doc else f"GET {API_PREFIX}{path}",
+                 answer={"type": "object"})

@@ -1,0 +1,282 @@
+"""The exporter: one HTTP listener (``[exporter] listen``) for Prometheus and load balancers.
+
+- ``/metrics``: the supervisor, its workers' processes, the host, the GPUs,
+  plugins' collectors, and every worker's own ``/metrics`` (federation), in
+  the Prometheus text format or, when the scraper asks, OpenMetrics.
+- ``/healthz``: 200 while the daemon's loop answers.
+- ``/readyz``: 200 when every required service has a ready worker, else 503;
+  ``/readyz?service=NAME`` for one service (a load balancer's per-backend check).
+- ``/health``: the ``application/health+json`` report; 200 on pass or warn, 503 on fail.
+
+A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML runs
+in a thread, and the workers' pages are fetched concurrently, each bounded
+by ``scrape_timeout``. The health report is also written to
+``STATE_DIR/health.json`` whenever it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from loguru import logger
+from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .events import WorkerEvent
+from .federation import (
+    FederationCollector,
+    PageRelabeler,
+    ScrapeResult,
+    ScrapeTarget,
+    merge_pages,
+    scrape_all,
+)
+from .health_report import (
+    HEALTH_JSON,
+    CheckResult,
+    HealthFile,
+    build_report,
+    check_statuses,
+    readiness,
+    worker_checks,
+)
+from .hostchecks import run_host_checks
+from .metrics import (
+    CollectedFamilies,
+    GpuCollector,
+    GpuReader,
+    HostCollector,
+    LoopLagMonitor,
+    ProcessCollector,
+    StartupHistogram,
+    SupervisorCollector,
+    WorkerSnapshot,
+    collect_safely,
+    snapshot_workers,
+    tree_members,
+)
+
+_OPENMETRICS_EOF = b"# EOF\n"
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """``"127.0.0.1:9180"``, ``"[::1]:9180"`` or ``":9180"`` (every address) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"exporter.listen: {listen!r} is not host:port")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+class Exporter:
+    """The listener, the loop-lag monitor, and the health checks with their file."""
+
+    def __init__(self, daemon: Any, session: aiohttp.ClientSession, gpus: Any = None):
+        """``daemon``: the running ``Daemon``; ``session``: its one HTTP client session;
+        ``gpus``: its ``GpuInventory``, or None on a host without GPUs."""
+        self.daemon = daemon
+        self.config = daemon.config.exporter
+        self.session = session
+        self.startup = StartupHistogram()
+        self.loop_lag = LoopLagMonitor()
+        self.gpus = GpuReader(gpus) if gpus is not None else None
+        self.host = HostCollector(self.config.disk_paths)
+        self.host_results: list[CheckResult] = []
+        self.health_file = HealthFile(daemon.config.daemon.state_dir / "health.json")
+        self.plugin_collectors: list[Any] = []
+        self.relabelers: dict[tuple[str, str], PageRelabeler] = {}
+        self.address: tuple[str | None, int] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the monitors and the health file, then listen (if ``listen`` is set)."""
+        supervisor = self.daemon.supervisor
+        for _, collectors in self.daemon.plugins.call_each("citadel_metric_collectors", supervisor=supervisor):
+            self.plugin_collectors.extend(collectors)
+        events = self.daemon.events.subscribe()  # now, so that no spawn is missed
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.loop_lag.run(), name="exporter-loop-lag"),
+            loop.create_task(self._follow(events), name="exporter-events"),
+            loop.create_task(self._health_loop(), name="exporter-health"),
+        ]
+        if self.config.listen:
+            await self._listen(self.config.listen)
+
+    async def _listen(self, listen: str) -> None:
+        host, port = parse_listen(listen)
+        app = web.Application()
+        app.router.add_get("/", self.index)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/health", self.health)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            # The workers matter more than their metrics: run on, and say so loudly.
+            logger.error("exporter.listen {}: cannot listen ({}); no /metrics, /healthz or /readyz "
+                         "until citadeld restarts with a free address", listen, exc.strerror or exc)
+            await self._runner.cleanup()
+            self._runner = None
+            return
+        self.address = (host, port)
+        logger.info("exporter listening on http://{}:{} (/metrics, /healthz, /readyz, /health)",
+                    host or "*", port)
+
+    async def close(self) -> None:
+        """Stop listening and stop the monitors."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _follow(self, events: asyncio.Queue[WorkerEvent]) -> None:
+        try:
+            while True:
+                event = await events.get()
+                self.startup.on_event(event)
+                self._changed.set()
+        finally:
+            self.daemon.events.unsubscribe(events)
+
+    # -- health -------------------------------------------------------------
+
+    def checks(self, workers: list[WorkerSnapshot]) -> list[CheckResult]:
+        """Every check: the workers' now, the host's from its last run."""
+        return worker_checks(workers) + self.host_results
+
+    def report(self) -> dict[str, Any]:
+        """The ``application/health+json`` report as of now."""
+        return build_report(self.checks(snapshot_workers(self.daemon.supervisor)), __version__)
+
+    def _host_checks(self) -> list[CheckResult]:
+        gpus = self.gpus.read() if self.gpus is not None else []
+        return run_host_checks(self.config.disk_paths, self.config.host_checks, gpus)
+
+    async def _health_loop(self) -> None:
+        """Run the host checks every ``health_period``; rewrite the health file on every change."""
+        next_host_check = 0.0
+        while True:
+            if time.monotonic() >= next_host_check:
+                try:
+                    self.host_results = await asyncio.to_thread(self._host_checks)
+                except Exception as exc:  # noqa: BLE001 - a failing check must not end the loop
+                    logger.opt(exception=exc).error("host checks failed: {}", exc)
+                next_host_check = time.monotonic() + self.config.health_period
+            self._changed.clear()
+            try:
+                await asyncio.to_thread(self.health_file.write, self.report())
+            except OSError as exc:
+                logger.error("cannot write the health file {}: {}", self.health_file.path, exc)
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, next_host_check - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    # -- handlers -----------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        """GET /: what this listener serves."""
+        return web.Response(text="citadeld exporter: /metrics /healthz /readyz /readyz?service=NAME /health\n")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """GET /healthz: the daemon's loop answers."""
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """GET /readyz[?service=NAME]: 200 when ready for traffic, else 503."""
+        service = request.query.get("service")
+        workers = snapshot_workers(self.daemon.supervisor)
+        try:
+            ready, services = readiness(workers, service)
+        except KeyError:
+            return web.Response(status=404, text=f"no service named {service!r}\n")
+        lines = [f"{name}: {'ready' if ok else 'not ready'}" for name, ok in sorted(services.items())]
+        return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health: the IETF health report; 503 when it fails."""
+        report = self.report()
+        return web.json_response(report, status=503 if report["status"] == "fail" else 200,
+                                 content_type=HEALTH_JSON)
+
+    async def health_route(self, request: web.Request) -> web.Response:
+        """Health report: every check (pass, warn or fail), as application/health+json."""
+        return web.json_response(self.report())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: everything, in the format the scraper asked for."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        T0 = time.perf_counter()
+        workers = snapshot_workers(self.daemon.supervisor)
+        local = asyncio.ensure_future(asyncio.to_thread(self._collect_local, workers))
+        targets = [ScrapeTarget(w.service, w.worker, w.metrics_url if w.proc is not None else None)
+                   for w in workers if w.metrics_url]
+        results = await scrape_all(self.session, targets, self.config.scrape_timeout, self.relabelers)
+        T1 = time.perf_counter()
+        families = self._collect_supervisor(workers) + await local
+        T2 = time.perf_counter()
+        compress = "gzip" in request.headers.get("Accept-Encoding", "")
+        body = await asyncio.to_thread(self.render, families, results, encoder,
+                                       content_type.startswith("application/openmetrics-text"), compress)
+        T3 = time.perf_counter()
+        logger.info("TIMING fetch {:.1f} (max page {:.1f}) local {:.1f} render {:.1f}", 1000*(T1-T0), 1000*max(r.duration for r in results), 1000*(T2-T1), 1000*(T3-T2))
+        headers = {"Content-Type": content_type}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    # -- collecting -----------------------------------------------------------
+
+    def _collect_supervisor(self, workers: list[WorkerSnapshot]) -> list[Metric]:
+        """The supervisor's families (on the loop: they read its live state)."""
+        records = getattr(self.daemon.plugins, "records", {})
+        collector = SupervisorCollector(
+            workers,
+            startup=self.startup,
+            loop_lag=self.loop_lag,
+            plugins={name: record.status for name, record in records.items()},
+            reloads=dict(getattr(self.daemon, "reloads", {})),
+            checks=check_statuses(self.checks(workers)),
+        )
+        return collect_safely([collector])
+
+    def _collect_local(self, workers: list[WorkerSnapshot]) -> list[Metric]:
+        """Processes, host, GPUs and plugins' collectors (in a thread: they read /proc and NVML)."""
+        members = tree_members(workers)
+        collectors: list[Any] = [ProcessCollector(workers, members), self.host]
+        if self.gpus is not None:
+            collectors.append(GpuCollector(self.gpus.read(), workers, members))
+        return collect_safely(collectors + self.plugin_collectors)
+
+    @staticmethod
+    def render(families: list[Metric], results: list[ScrapeResult], encoder: Any,
+               openmetrics: bool, compress: bool = False) -> bytes:
+        """Encode the exporter's families, then the workers' merged families (blocks: CPU)."""
+        own = encoder(CollectedFamilies(families + collect_safely([FederationCollector(results)])))
+        federated = merge_pages(results).render(openmetrics).encode()
+        if openmetrics:
+            body = own[: -len(_OPENMETRICS_EOF)] + federated + _OPENMETRICS_EOF
+        else:
+            body = own + federated
+        return gzip.compress(body, compresslevel=1) if compress else body

@@ -1,0 +1,117 @@
+"""Learning the workers from citadeld: its event stream, and its status on each change.
+
+The gateway follows ``GET /v1/events?snapshot=1`` on the control socket.
+Each event's state and readiness apply at once (a worker that stops being
+ready leaves the rotation before the next request), and then a fresh
+``GET /v1/status`` replaces the table (ports and models, workers added or
+removed by a reload). Status reads are coalesced: events that arrive during
+one read cause exactly one more. When the stream ends, the feed reconnects
+with a growing backoff, keeping the last table meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+from loguru import logger
+
+from .upstreams import UpstreamTable
+
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
+
+
+class ControlFeed:
+    """Keeps an ``UpstreamTable`` in step with citadeld."""
+
+    def __init__(self, socket_path: Path, table: UpstreamTable):
+        self.socket_path = socket_path
+        self.table = table
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._dirty = False
+
+    def start(self) -> None:
+        """Start following citadeld in the background."""
+        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        self._session = aiohttp.ClientSession(connector=connector, base_url="http://citadel")
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="control-feed")
+
+    async def close(self) -> None:
+        """Stop following and close the connection."""
+        for task in (self._task, self._refresh_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._session is not None:
+            await self._session.close()
+
+    async def _follow(self) -> None:
+        assert self._session is not None
+        delay = _BACKOFF_FIRST
+        failures = 0
+        while True:
+            try:
+                async with self._session.get(
+                    "/v1/events", params={"snapshot": "1"}, timeout=aiohttp.ClientTimeout(total=None)
+                ) as resp:
+                    if resp.status != 200:
+                        raise aiohttp.ClientResponseError(
+                            resp.request_info, (), status=resp.status, message=await resp.text()
+                        )
+                    if failures:
+                        logger.info("control socket {}: following events again", self.socket_path)
+                    delay, failures = _BACKOFF_FIRST, 0
+                    self._refresh()
+                    async for line in resp.content:
+                        self._on_line(line)
+                logger.warning("control socket {}: the event stream ended", self.socket_path)
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                failures += 1
+                # The first failure and then every 20th: a gone citadeld must not flood the log.
+                if failures == 1 or failures % 20 == 0:
+                    logger.warning("control socket {}: {} (retrying)", self.socket_path,
+                                   str(exc) or type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _on_line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("kind") == "snapshot":
+            return  # the status read that follows the connect covers these
+        self.table.apply_event(event)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read ``/v1/status`` soon; one read at a time, and one more if asked meanwhile."""
+        self._dirty = True
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.get_running_loop().create_task(self._read_status())
+
+    async def _read_status(self) -> None:
+        assert self._session is not None
+        while self._dirty:
+            self._dirty = False
+            try:
+                async with self._session.get("/v1/status", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    data = await resp.json(content_type=None)
+                if resp.status != 200 or not isinstance(data, dict):
+                    logger.warning("control socket: /v1/status answered {}: {}", resp.status, data)
+                    continue
+                self.table.replace(data.get("workers", []))
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                logger.warning("control socket: cannot read /v1/status: {}", exc)

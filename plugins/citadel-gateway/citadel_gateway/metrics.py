@@ -1,0 +1,73 @@
+"""The gateway's own Prometheus metrics, served on its listener at ``/metrics``.
+
+citadeld federates them like any worker's: the gateway type's
+``metrics_url`` points the exporter here (see docs/gateway.md for why the
+gateway does not use the in-daemon collector hook). Label values are the
+configured key name (never the key) and models the gateway knows; a request
+for an unknown model counts under ``model="-"``, so that clients cannot
+create label values at will.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .upstreams import UpstreamTable
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _LiveState(Collector):
+    """Queue depth, in-flight requests and ready workers, read at scrape time."""
+
+    def __init__(self, table: UpstreamTable, queue_depths: Callable[[], dict[str, int]]):
+        self.table = table
+        self.queue_depths = queue_depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the gauges (runs in the scrape handler, on the loop)."""
+        queue = GaugeMetricFamily("citadel_gateway_queue_depth",
+                                  "Requests waiting for a free worker, by model", labels=["model"])
+        depths = self.queue_depths()
+        for model in sorted(set(depths) | set(self.table.routes)):
+            queue.add_metric([model], depths.get(model, 0))
+        yield queue
+        outstanding = GaugeMetricFamily("citadel_gateway_outstanding_requests",
+                                        "Requests in flight to each worker", labels=["worker"])
+        ready = GaugeMetricFamily("citadel_gateway_worker_in_rotation",
+                                  "1 when the worker is running and ready", labels=["worker"])
+        for upstream in self.table.workers.values():
+            outstanding.add_metric([upstream.name], upstream.outstanding)
+            ready.add_metric([upstream.name], 1.0 if upstream.in_rotation else 0.0)
+        yield outstanding
+        yield ready
+
+
+class GatewayMetrics:
+    """Every metric of one gateway, in its own registry."""
+
+    def __init__(self, table: UpstreamTable, queue_depths: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("citadel_gateway_requests", "Requests answered, by model, key and status",
+                                ["model", "key", "status"], registry=r)
+        self.upstream_latency = Histogram(
+            "citadel_gateway_upstream_latency_seconds",
+            "From sending a request to a worker to its last byte", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_ttfb = Histogram(
+            "citadel_gateway_upstream_time_to_first_byte_seconds",
+            "From sending a request to a worker to the first byte of its answer's body", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("citadel_gateway_retries", "Requests retried on another worker",
+                               ["model"], registry=r)
+        self.tokens = Counter("citadel_gateway_tokens", "Tokens the workers reported, by model, key and kind",
+                              ["model", "key", "kind"], registry=r)
+        self.client_disconnects = Counter(
+            "citadel_gateway_client_disconnects", "Requests whose client left before the answer ended",
+            ["model"], registry=r)
+        r.register(_LiveState(table, queue_depths))

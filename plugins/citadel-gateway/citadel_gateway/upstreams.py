@@ -1,0 +1,124 @@
+"""The workers the gateway can send to, and which of them serve each model.
+
+A worker serves a model when citadeld reports the model in its ``models``
+(the vLLM type fills it from ``served_model_name``) or when the gateway's
+``routes`` table maps the model to the worker's service. Only workers that
+are running, ready and have a port are in the rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Upstream:
+    """One citadel worker, as the gateway sees it."""
+
+    name: str
+    service: str
+    port: int | None
+    models: tuple[str, ...] = ()
+    state: str = "stopped"
+    ready: bool = False
+    host: str = "127.0.0.1"
+    #: Requests sent to it and not yet finished (what balancing counts).
+    outstanding: int = 0
+    base_url: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.base_url = f"http://{self.host}:{self.port}" if self.port is not None else ""
+
+    @property
+    def in_rotation(self) -> bool:
+        """True when requests may be sent to it."""
+        return self.ready and self.state == "running" and self.port is not None
+
+    @classmethod
+    def from_status(cls, entry: Mapping[str, Any]) -> Upstream:
+        """Build from one entry of citadeld's ``/v1/status`` (or an events snapshot line)."""
+        host = entry.get("host") or "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"  # listening everywhere: reach it on loopback
+        return cls(
+            name=str(entry["name"]),
+            service=str(entry.get("service", entry["name"])),
+            port=entry.get("port"),
+            models=tuple(entry.get("models") or ()),
+            state=str(entry.get("state", "stopped")),
+            ready=bool(entry.get("ready", False)),
+            host=host,
+        )
+
+
+class UpstreamTable:
+    """Every known worker, and the models each serves; tells listeners when it changes."""
+
+    def __init__(self, routes: Mapping[str, Iterable[str]] | None = None):
+        self.routes = {model: tuple(services) for model, services in (routes or {}).items()}
+        self.workers: dict[str, Upstream] = {}
+        self._serving: dict[str, list[Upstream]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        #: True once citadeld's status was read at least once.
+        self.loaded = False
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each change (the balancer re-dispatches its queue)."""
+        self._listeners.append(listener)
+
+    def replace(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Replace the table with a fresh ``/v1/status``; outstanding counts carry over."""
+        fresh: dict[str, Upstream] = {}
+        for entry in entries:
+            upstream = Upstream.from_status(entry)
+            old = self.workers.get(upstream.name)
+            if old is not None and old.base_url == upstream.base_url:
+                # Keep the object: requests in flight hold it and release it later.
+                old.models, old.state, old.ready = upstream.models, upstream.state, upstream.ready
+                upstream = old
+            fresh[upstream.name] = upstream
+        self.workers = fresh
+        self.loaded = True
+        self._changed()
+
+    def apply_event(self, event: Mapping[str, Any]) -> bool:
+        """Apply an event's state and readiness at once; False when the worker is unknown."""
+        upstream = self.workers.get(str(event.get("worker")))
+        if upstream is None:
+            return False
+        state = event.get("state")
+        ready = event.get("ready")
+        if isinstance(state, str):
+            upstream.state = state
+        if isinstance(ready, bool):
+            upstream.ready = ready
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        serving: dict[str, list[Upstream]] = {}
+        for upstream in self.workers.values():
+            for model in upstream.models:
+                serving.setdefault(model, []).append(upstream)
+        for model, services in self.routes.items():
+            members = serving.setdefault(model, [])
+            for upstream in self.workers.values():
+                if upstream.service in services and upstream not in members:
+                    members.append(upstream)
+        self._serving = serving
+        for listener in self._listeners:
+            listener()
+
+    def known(self, model: str) -> bool:
+        """True when some worker (ready or not) serves ``model``, or a route names it."""
+        return model in self._serving or model in self.routes
+
+    def candidates(self, model: str) -> list[Upstream]:
+        """The workers in rotation that serve ``model``."""
+        return [u for u in self._serving.get(model, ()) if u.in_rotation]
+
+    def available_models(self) -> list[str]:
+        """The models at least one worker in rotation serves, sorted."""
+        return sorted(m for m, members in self._serving.items() if any(u.in_rotation for u in members))

@@ -1,0 +1,3 @@
+"""A plugin that fails when imported. Only for tests."""
+
+raise RuntimeError("broken on purpose")
