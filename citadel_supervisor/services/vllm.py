@@ -97,6 +97,9 @@ class VllmConfig(ServiceConfig):
             name = flag.split("=", 1)[0]
             if name in _MANAGED_FLAGS:
                 raise ValueError(f"args: {name} is set by the key {_MANAGED_FLAGS[name]!r}; use that instead")
+        if self.drain_timeout is not None and self.drain_timeout >= self.stop_timeout:
+            raise ValueError(f"drain_timeout ({self.drain_timeout:g}s) must be shorter than stop_timeout "
+                             f"({self.stop_timeout:g}s), or the drain is cut short by SIGKILL")
         gpu_count = len(self.gpus) if isinstance(self.gpus, list) else (
             self.gpus if isinstance(self.gpus, int) else None)
         if gpu_count is not None and self.tensor_parallel_size is not None:
