@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, SecretStr, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .durations import Duration
 from .interpolation import InterpolationError, Interpolator, read_env_file
@@ -668,6 +668,8 @@ def _validate_services(
         if service.cwd is not None:
             service = service.model_copy(update={"cwd": _resolve_path(service.cwd, base_dir)})
         interp.secrets.update(v for k, v in service.env.items() if is_secret_name(k))
+        interp.secrets.update(v.get_secret_value() for v in service.__dict__.values()
+                              if isinstance(v, SecretStr))
         services[name] = service
     return services
 
