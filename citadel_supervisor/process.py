@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -302,6 +304,32 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``SpawnError`` naming the holder when something already listens on the port.
+
+    A worker started on a taken port fails in its own words, late, or worse:
+    its probes reach the other program and report it healthy.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return
+    holder = ""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                holder = f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:120]})"
+                break
+    except (psutil.Error, OSError):
+        pass
+    raise SpawnError(f"port {port} on {host} is already in use{holder}")
 
 
 def spawn(

@@ -28,7 +28,7 @@ from .health import ProbeFactory, ProbeResult, ProbeRunner
 from .masking import masker
 from .output import WorkerOutput
 from .plugins import PluginRegistry
-from .process import ExitStatus, ProcessTree, SpawnError, spawn
+from .process import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
 from .restart import RestartPolicy
 from .services.base import ServiceType, WorkerInfo
 from .statefile import StateFile
@@ -292,6 +292,8 @@ class Worker:
         env = {**worker_base_env(), **spec.env, "CITADEL_WORKER": self.name,
                "CITADEL_SERVICE": self.info.service}
         masker.add_env(env)
+        if self.info.port:
+            check_port_free(getattr(self.info.config, "host", "127.0.0.1"), self.info.port)
         tree = self.runtime.cgroup_tree
         cgroup = tree.prepare(self.name) if tree is not None else None
         return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity)
