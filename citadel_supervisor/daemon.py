@@ -227,6 +227,14 @@ class Daemon:
         control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
                                 AccessPolicy.from_groups(cfg.daemon.control_groups, cfg.daemon.read_groups))
         control.bind()
+        try:
+            return await self._run_bound(control)
+        finally:
+            await control.close()  # also when start-up failed after the bind
+
+    async def _run_bound(self, control: ControlServer) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         check_log_dir(cfg.daemon.log_dir)
         state_file = StateFile(cfg.daemon.state_dir / "workers.json")
@@ -242,7 +250,7 @@ class Daemon:
                                     before_restart=self._wait_gpus_released)
             self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
             self.add_route("/gpus", self._gpus_route)
-            self.exporter = Exporter(self, session)
+            self.exporter = Exporter(self, session, gpus=self.gpus.inventory)
             self.add_route("/health", self.exporter.health_route)
             self._closers.append(self.exporter.close)
             await control.start()
@@ -264,7 +272,6 @@ class Daemon:
                 watchdog.cancel()
                 for closer in reversed(self._closers):
                     await closer()
-                await control.close()
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     loop.remove_signal_handler(signum)
         logger.info("citadeld stopped")
