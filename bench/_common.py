@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
@@ -129,14 +130,17 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 def ms(seconds: float) -> str:
     """Seconds as milliseconds, for a table."""
-    return "n/a" if seconds != seconds else f"{seconds * 1000:.1f} ms"
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A plain Markdown table."""
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
@@ -180,7 +184,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 def _timed_cli(argv: list[str]) -> float:
     """Run a CLI command (its output captured, shown only if it fails); its wall time."""
     t0 = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     took = time.perf_counter() - t0
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout.decode(errors='replace')}")
@@ -190,8 +194,10 @@ def _timed_cli(argv: list[str]) -> float:
 class Citadel:
     """A citadeld subprocess on a config in ``root``, driven through its control API."""
 
-    def __init__(self, root: Path, services: str, daemon_extra: str = "", lag_probe: Path | None = None):
+    def __init__(self, root: Path, services: str, daemon_extra: str = "", lag_probe: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.root = root
+        self.env = {**os.environ, **(env or {})}
         # The state file and socket go on tmpfs, as /run/citadel is under systemd
         # (on a disk, ext4 makes each state-file rewrite cost milliseconds).
         shm = Path("/dev/shm")
@@ -228,7 +234,8 @@ class Citadel:
             argv = [str(CITADELD)]
         argv += ["--config", str(self.config), "--log-format", "json"]
         with (self.root / "citadeld.out").open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=self.env)
 
         def answers() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

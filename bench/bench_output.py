@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_output.py [--rate 50] [--seconds 30] [--no-supervisord]
 
-One worker writes lines of 100 to 200 bytes to its stdout at ``--rate`` MB/s
+One worker writes vLLM-like lines of 100 to 200 bytes to its stdout at ``--rate`` MB/s
 (paced every 10 ms; a write blocks when the daemon does not read fast
 enough, so the achieved rate is what the daemon really took) for
 ``--seconds``, then goes quiet. Around it, for a baseline before the flood,
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     Citadel,
     Supervisord,
+    cpu_seconds,
     loadavg,
     machine,
     ms,
@@ -51,6 +52,9 @@ BACKUPS = 5
 BASELINE = 5.0   # seconds measured before the flood
 AFTER = 5.0      # and after it
 PROBE_EVERY = 0.01
+# A name unique to this run: citadeld names each worker's cgroup after the
+# worker, host-wide, so a common name ("flood") would meet another citadeld's worker.
+NAME = f"bench{os.getpid()}flood"
 
 WRITER_CODE = """\
 import json, os, random, signal, sys, time
@@ -58,10 +62,23 @@ rate, seconds, go, stats = float(sys.argv[1]) * 1e6, float(sys.argv[2]), sys.arg
 tick = 0.01
 rng = random.Random(7)
 lines, size, i = [], 0, 0
-while size < rate * tick:  # 10 ms worth of lines of 100 to 200 bytes, 8 different blocks
+while size < rate * tick:  # 10 ms worth of vLLM-like lines of 100 to 200 bytes
+    ts = f"11-27 13:{(i // 60) % 60:02d}:{i % 60:02d}"
+    kind = i % 4
+    if kind == 0:
+        text = (f"INFO {ts} [metrics.py:455] Avg prompt throughput: {rng.random() * 900:.1f} tokens/s, "
+                f"Avg generation throughput: {rng.random() * 90:.1f} tokens/s, Running: {rng.randint(0, 9)} reqs, "
+                f"Pending: {rng.randint(0, 3)} reqs, GPU KV cache usage: {rng.random() * 100:.1f}%.")
+    elif kind == 1:
+        text = f'INFO:     127.0.0.1:{rng.randint(30000, 60000)} - "POST /v1/chat/completions HTTP/1.1" 200 OK'
+    elif kind == 2:
+        text = (f"DEBUG {ts} [async_llm_engine.py:{rng.randint(100, 999)}] Added request "
+                f"chatcmpl-{rng.getrandbits(128):032x}, prompt len {rng.randint(10, 4000)}.")
+    else:
+        text = (f"INFO {ts} [engine.py:{rng.randint(100, 999)}] Finished request cmpl-{rng.getrandbits(96):024x}: "
+                f"{rng.randint(1, 2000)} generated, finish_reason=stop")
     n = rng.randint(100, 200)
-    head = f"INFO 11-27 13:00:{i % 60:02d} [engine.py:{i % 997}] request {i:09d} tokens/s={rng.random() * 100:.2f} "
-    line = (head + "x" * n)[: n - 1] + "\\n"
+    line = (text + " " + "." * n)[: n - 1] + "\\n"
     lines.append(line.encode())
     size += len(line)
     i += 1
@@ -111,6 +128,7 @@ def run_phases(pid: int, probe: Callable[[], None], log_dir: Path, go: Path, flo
     phases: dict[str, list[float]] = {"baseline": [], "flood": [], "after": []}
     samples: list[tuple[float, int, int]] = []
     bounds: dict[str, tuple[float, float]] = {}
+    cpu: dict[str, float] = {}
     start = time.time()
     plan = [("baseline", BASELINE), ("flood", flood_s), ("after", AFTER)]
     next_sample = 0.0
@@ -118,6 +136,7 @@ def run_phases(pid: int, probe: Callable[[], None], log_dir: Path, go: Path, flo
         if phase == "flood":
             go.touch()
         t_begin = time.time()
+        cpu0, mono0 = cpu_seconds(pid), time.monotonic()
         end = time.monotonic() + length
         while time.monotonic() < end:
             t0 = time.perf_counter()
@@ -129,20 +148,22 @@ def run_phases(pid: int, probe: Callable[[], None], log_dir: Path, go: Path, flo
                 next_sample = time.monotonic() + 1.0
             time.sleep(max(0.0, PROBE_EVERY - took))
         bounds[phase] = (t_begin, time.time())
+        cpu[phase] = (cpu_seconds(pid) - cpu0) / (time.monotonic() - mono0)
         print(f"  {phase} done (load {loadavg()})", file=sys.stderr)
-    return {"answer": phases, "samples": samples, "bounds": bounds}
+    return {"answer": phases, "samples": samples, "bounds": bounds, "cpu": cpu}
 
 
-def writer_stats(path: Path) -> dict[str, float]:
-    """What the writer says it wrote."""
-    return json.loads(path.read_text()) if path.exists() else {"seconds": float("nan"), "bytes": 0,
-                                                               "max_write_s": float("nan")}
+def writer_stats(path: Path, where: Path) -> dict[str, float]:
+    """What the writer says it wrote; an error naming ``where`` (its logs) if it wrote nothing."""
+    if not path.exists():
+        raise RuntimeError(f"the writer reported nothing: did it start? see the logs under {where} (--keep)")
+    return json.loads(path.read_text())
 
 
 def bench_citadel(root: Path, python: str, writer: Path, rate: float, seconds: float) -> dict[str, Any]:
     go, stats, lag = root / "go", root / "writer.json", root / "lag.txt"
     services = f"""
-        [services.flood]
+        [services.{NAME}]
         type = "command"
         command = ["{python}", "{writer}", "{rate}", "{seconds}", "{go}", "{stats}"]
         restart = "never"
@@ -150,12 +171,12 @@ def bench_citadel(root: Path, python: str, writer: Path, rate: float, seconds: f
     extra = f"log_max_bytes = {MAX_BYTES}\nlog_backups = {BACKUPS}\n"
     d = Citadel(root, services, daemon_extra=extra, lag_probe=lag).start()
     try:
-        wait_until(lambda: d.status().get("flood", {}).get("state") == "running", 30, "the writer to run")
+        wait_until(lambda: d.status().get(NAME, {}).get("state") == "running", 30, "the writer to run")
         result = run_phases(d.pid, lambda: d.get("/v1/version"), d.log_dir, go, seconds)
         rows = read_lag_probe(lag)
         result["lag"] = {p: [lag for t, lag in rows if b[0] <= t < b[1]] for p, b in result["bounds"].items()}
-        result["writer"] = writer_stats(stats)
-        result["state"] = d.status()["flood"]["state"]
+        result["writer"] = writer_stats(stats, root)
+        result["state"] = d.status()[NAME]["state"]
     finally:
         d.stop()
     return result
@@ -165,23 +186,23 @@ def bench_supervisord(root: Path, python: str, writer: Path, rate: float, second
     go, stats = root / "go", root / "writer.json"
     log_dir = root / "log"
     log_dir.mkdir(parents=True)
-    programs = {"flood": f"""\
+    programs = {NAME: f"""\
         command = {python} {writer} {rate} {seconds} {go} {stats}
         autostart = true
         autorestart = false
         startsecs = 1
-        stdout_logfile = {log_dir / 'flood.log'}
+        stdout_logfile = {log_dir / 'out.log'}
         stdout_logfile_maxbytes = {MAX_BYTES}
         stdout_logfile_backups = {BACKUPS}
-        stderr_logfile = {log_dir / 'flood.err'}
+        stderr_logfile = {log_dir / 'err.log'}
         """}
     d = Supervisord(root, programs).start()
     try:
-        wait_until(lambda: d.info().get("flood", {}).get("statename") == "RUNNING", 30, "the writer to run")
+        wait_until(lambda: d.info().get(NAME, {}).get("statename") == "RUNNING", 30, "the writer to run")
         result = run_phases(d.pid, lambda: d.rpc.supervisor.getState(), log_dir, go, seconds)
         result["lag"] = None
-        result["writer"] = writer_stats(stats)
-        result["state"] = d.info()["flood"]["statename"]
+        result["writer"] = writer_stats(stats, root)
+        result["state"] = d.info()[NAME]["statename"]
     finally:
         d.stop()
     return result
@@ -189,8 +210,9 @@ def bench_supervisord(root: Path, python: str, writer: Path, rate: float, second
 
 def report(results: dict[str, dict[str, Any]], rate: float, seconds: float) -> str:
     cap = MAX_BYTES * (BACKUPS + 1)
-    out = [f"### A worker writing {rate:g} MB/s to stdout for {seconds:g} s "
-           f"(baseline {BASELINE:g} s before, {AFTER:g} s after)\n"]
+    title = (f"### A worker writing {rate:g} MB/s to stdout for {seconds:g} s "
+             f"(baseline {BASELINE:g} s before, {AFTER:g} s after)\n")
+    out = [title]
     rows = []
     for name, r in results.items():
         for phase in ("baseline", "flood", "after"):
@@ -212,11 +234,14 @@ def report(results: dict[str, dict[str, Any]], rate: float, seconds: float) -> s
         rss = [x[1] for x in s]
         flood_rss = [x[1] for x in s if x[0] >= BASELINE]
         disk = max(x[2] for x in s)
-        rows.append([name, f"{achieved:.1f} MB/s", f"{w['bytes'] / 1e6:.0f} MB",
+        cpu = r["cpu"]["flood"]
+        rows.append([name, f"{achieved:.1f} MB/s", f"{100 * cpu:.0f} %", f"{achieved / cpu:.0f} MB" if cpu else "n/a",
+                     f"{w['bytes'] / 1e6:.0f} MB",
                      ms(w["max_write_s"]),
                      f"{rss[0] / 1e6:.1f} / {max(flood_rss or rss) / 1e6:.1f} / {rss[-1] / 1e6:.1f} MB",
                      f"{disk / 1e6:.1f} MB (cap {cap / 1e6:.1f})", r["state"]])
-    out.append(table(["daemon", "achieved rate", "written", "longest write()", "RSS first / max / last",
+    out.append(table(["daemon", "achieved rate", "daemon CPU (% of a core)", "MB per CPU-second", "written",
+                      "longest write()", "RSS first / max / last",
                       "log folder max", "worker at end"], rows))
     c = results["citadeld"]
     p99 = percentile(c["lag"]["flood"], 99)
@@ -231,6 +256,8 @@ def report(results: dict[str, dict[str, Any]], rate: float, seconds: float) -> s
                f"{rss[-1] / 1e6:.1f} MB after")
     out.append(f"Target disk capped at log_max_bytes x (log_backups + 1) = {cap / 1e6:.1f} MB: "
                f"{'met' if disk <= cap + 64 * 1024 else 'MISSED'} ({disk / 1e6:.1f} MB at most)")
+    if c["state"] != "running":
+        out.append(f"WARNING: the writer was {c['state']} at the end, not running: the figures are not valid")
     out.append(f"Writer achieved {achieved:.1f} of {rate:g} MB/s "
                f"({'kept up' if achieved >= 0.95 * rate else 'the daemon did NOT keep up: back-pressure'})")
     return "\n".join(out)

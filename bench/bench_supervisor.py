@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     Citadel,
     Supervisord,
     boottime,
@@ -63,6 +63,9 @@ STABLE = 1.0          # citadeld stable_after, supervisord startsecs
 STABLE_MARGIN = 0.5   # a worker is killed only once up STABLE + this
 EXIT_DELAY = 0.5      # how long a worker takes to exit on SIGTERM
 MARKER = "benchw"
+# Worker names unique to this run: citadeld names each worker's cgroup after the
+# worker, host-wide, so a common name ("w0") would meet another citadeld's worker.
+NAMES = [f"bench{os.getpid()}w{i}" for i in range(WORKERS)]
 
 WORKER_CODE = f"""\
 import signal, sys, time
@@ -94,6 +97,7 @@ class Side:
 
     @property
     def pid(self) -> int:
+        """The daemon's pid."""
         return self.daemon.pid
 
     def pids(self) -> dict[str, int]:
@@ -113,8 +117,9 @@ class Side:
         return wait_until(ready, timeout, f"{self.name}'s workers to run", 0.05)
 
 
-def make_citadel(root: Path, python: str, script: Path) -> Side:
-    names = [f"w{i}" for i in range(WORKERS)]
+def make_citadel(root: Path, python: str, script: Path, label: str = "citadeld",
+                 env: dict[str, str] | None = None, names: list[str] | None = None) -> Side:
+    names = names or list(NAMES)
     services = "".join(f"""
         [services.{name}]
         type = "command"
@@ -124,13 +129,13 @@ def make_citadel(root: Path, python: str, script: Path) -> Side:
         start_limit_burst = 10000
         stop_timeout = 10
         """ for name in names)
-    d = Citadel(root, services).start()
+    d = Citadel(root, services, env=env).start()
 
     def running() -> dict[str, int]:
         return {n: w["pid"] for n, w in d.status().items() if w["state"] == "running"}
 
     return Side(
-        "citadeld", d, names, running,
+        label, d, names, running,
         stop_one_cli=lambda n: d.ctl("stop", n, "--wait"),
         stop_all_cli=lambda: d.ctl("stop", "--all", "--wait"),
         stop_one_api=lambda n: d.request("POST", "/v1/stop", {"names": [n], "wait": True}),
@@ -140,7 +145,7 @@ def make_citadel(root: Path, python: str, script: Path) -> Side:
 
 
 def make_supervisord(root: Path, python: str, script: Path) -> Side:
-    names = [f"w{i}" for i in range(WORKERS)]
+    names = list(NAMES)
     programs = {name: f"""\
         command = {python} {script} {MARKER}-{name}
         autostart = true

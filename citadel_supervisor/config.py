@@ -74,11 +74,11 @@ class ProbeConfig(Model):
 class HealthShorthand(Model):
     """``health = { http = URL }`` or ``{ tcp = "host:port" }``: startup and readiness."""
 
-    http: str | None = None
-    tcp: str | None = None
-    expect_body: str | None = None
-    period: Duration = Field(1.0, gt=0)
-    timeout: Duration = Field(2.0, gt=0)
+    http: str | None = Field(None, description="a URL; 2xx and 3xx pass")
+    tcp: str | None = Field(None, description="host:port that must accept a connection")
+    expect_body: str | None = Field(None, description="http: text the body must contain")
+    period: Duration = Field(1.0, gt=0, description="seconds between checks")
+    timeout: Duration = Field(2.0, gt=0, description="seconds before one check fails")
 
     @model_validator(mode="after")
     def _one_target(self) -> HealthShorthand:
@@ -90,9 +90,9 @@ class HealthShorthand(Model):
 class ProbesConfig(Model):
     """The three probe roles, as Kubernetes has them."""
 
-    startup: ProbeConfig | None = None
-    liveness: ProbeConfig | None = None
-    readiness: ProbeConfig | None = None
+    startup: ProbeConfig | None = Field(None, description="until it passes the worker is starting")
+    liveness: ProbeConfig | None = Field(None, description="failing: the worker is restarted")
+    readiness: ProbeConfig | None = Field(None, description="failing: the worker is not ready")
 
 
 # --------------------------------------------------------------------------
@@ -114,26 +114,30 @@ def _signal_number(value: object) -> object:
 class ServiceConfig(Model):
     """Keys every service has, whatever its type. Service types extend this."""
 
-    type: str
-    replicas: int = Field(1, ge=1, le=256)
-    restart: Literal["always", "on-failure", "never"] = "always"
-    backoff_initial: Duration = Field(1.0, ge=0)
-    backoff_max: Duration = Field(60.0, ge=0)
+    type: str = Field(description="the service type: command, vllm, or one a plugin adds")
+    replicas: int = Field(1, ge=1, le=256, description="workers: NAME.0 ... NAME.N-1")
+    restart: Literal["always", "on-failure", "never"] = Field(
+        "always", description="on-failure: unless it exited 0"
+    )
+    backoff_initial: Duration = Field(1.0, ge=0, description="before the first restart; doubles")
+    backoff_max: Duration = Field(60.0, ge=0, description="the longest wait between restarts")
     stable_after: Duration = Field(
         60.0, ge=0, description="a worker up this long restarts at once after a failure"
     )
-    start_limit_burst: int = Field(5, ge=1)
-    start_limit_interval: Duration = Field(300.0, ge=0)
+    start_limit_burst: int = Field(
+        5, ge=1, description="this many failures within start_limit_interval: fatal"
+    )
+    start_limit_interval: Duration = Field(300.0, ge=0, description="see start_limit_burst")
     stop_signal: int = Field(int(signal.SIGTERM), description="a name such as SIGINT, or a number")
-    stop_timeout: Duration = Field(30.0, ge=0)
-    startup_timeout: Duration = Field(900.0, gt=0)
-    after: list[str] = Field(default_factory=list)
+    stop_timeout: Duration = Field(30.0, ge=0, description="after stop_signal, SIGKILL the tree")
+    startup_timeout: Duration = Field(900.0, gt=0, description="to pass the startup probe")
+    after: list[str] = Field(default_factory=list, description="services to start first")
     required: bool = Field(True, description="counts for /readyz")
-    cwd: Path | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = Field(None, description="the working directory")
+    env: dict[str, str] = Field(default_factory=dict, description="on top of what it inherits from citadeld")
     env_file: Path | None = Field(None, description="KEY=VALUE lines added to env")
-    health: HealthShorthand | None = None
-    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    health: HealthShorthand | None = Field(None, description="startup and readiness probes in one")
+    probes: ProbesConfig = Field(default_factory=ProbesConfig, description="overrides health")
     gpus: list[int | str] | int | Literal["auto"] | None = Field(
         None, description="GPU indices or UUIDs, a count, or 'auto'"
     )
@@ -166,11 +170,17 @@ class ServiceConfig(Model):
 class DaemonConfig(Model):
     """``[daemon]``: where citadeld keeps its socket, state and logs."""
 
-    control_socket: Path = Path("/run/citadel/control.sock")
-    state_dir: Path = Path("/run/citadel")
-    log_dir: Path = Path("/var/log/citadel")
-    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["auto", "console", "journal", "json"] = "auto"
+    control_socket: Path = Field(
+        Path("/run/citadel/control.sock"), description="the socket citadelctl talks to"
+    )
+    state_dir: Path = Field(Path("/run/citadel"), description="workers.json: what to clean up")
+    log_dir: Path = Field(Path("/var/log/citadel"), description="one NAME.log per worker")
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="citadeld's own log"
+    )
+    log_format: Literal["auto", "console", "journal", "json"] = Field(
+        "auto", description="auto: journal under systemd, else console"
+    )
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="rotate a worker log at")
     log_backups: int = Field(5, ge=0, description="rotated worker logs kept")
     log_ring_lines: int = Field(1000, ge=10, description="recent lines kept in memory per worker")
@@ -181,7 +191,7 @@ class DaemonConfig(Model):
     socket_group: str | None = Field("citadel", description="group owning the control socket")
     control_groups: list[str] = Field(default_factory=list, description="may start/stop/reload")
     read_groups: list[str] = Field(default_factory=list, description="may read status/logs")
-    cgroups: Literal["auto", "off"] = "auto"
+    cgroups: Literal["auto", "off"] = Field("auto", description="a cgroup per worker, if possible")
     port_range: tuple[int, int] = Field((8100, 8999), description="for services with port = 0")
 
     @field_validator("log_level", mode="before")
@@ -215,21 +225,25 @@ class ExporterConfig(Model):
 
     listen: str | None = Field("127.0.0.1:9180", description="host:port, or empty to disable")
     scrape_timeout: Duration = Field(2.0, gt=0, description="per worker /metrics fetch")
-    disk_paths: list[Path] = Field(default_factory=lambda: [Path("/")])
-    host_checks: HostChecksConfig = Field(default_factory=HostChecksConfig)
+    disk_paths: list[Path] = Field(
+        default_factory=lambda: [Path("/")], description="file systems to report and check"
+    )
+    host_checks: HostChecksConfig = Field(
+        default_factory=HostChecksConfig, description="thresholds of the host's health checks"
+    )
     health_period: Duration = Field(5.0, gt=0, description="seconds between host checks")
 
 
 class PluginsConfig(Model):
     """``[plugins]``: which plugins not to load."""
 
-    disable: list[str] = Field(default_factory=list)
+    disable: list[str] = Field(default_factory=list, description="plugin names not to load")
 
 
 class CitadelConfig(Model):
     """The whole, validated config."""
 
-    include: list[str] = Field(default_factory=list)
+    include: list[str] = Field(default_factory=list, description="globs of drop-in files to merge")
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)

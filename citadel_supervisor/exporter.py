@@ -227,20 +227,17 @@ class Exporter:
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: everything, in the format the scraper asked for."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        T0 = time.perf_counter()
         workers = snapshot_workers(self.daemon.supervisor)
-        local = asyncio.ensure_future(asyncio.to_thread(self._collect_local, workers))
+        # /proc and NVML are read (and their families encoded) in a thread while the
+        # workers' pages are fetched; each page is split and relabelled as it arrives.
+        local = asyncio.ensure_future(asyncio.to_thread(self._encode_local, workers, encoder))
         targets = [ScrapeTarget(w.service, w.worker, w.metrics_url if w.proc is not None else None)
                    for w in workers if w.metrics_url]
         results = await scrape_all(self.session, targets, self.config.scrape_timeout, self.relabelers)
-        T1 = time.perf_counter()
-        families = self._collect_supervisor(workers) + await local
-        T2 = time.perf_counter()
+        own = self._collect_supervisor(workers)
         compress = "gzip" in request.headers.get("Accept-Encoding", "")
-        body = await asyncio.to_thread(self.render, families, results, encoder,
+        body = await asyncio.to_thread(self.render, own, await local, results, encoder,
                                        content_type.startswith("application/openmetrics-text"), compress)
-        T3 = time.perf_counter()
-        logger.info("TIMING fetch {:.1f} (max page {:.1f}) local {:.1f} render {:.1f}", 1000*(T1-T0), 1000*max(r.duration for r in results), 1000*(T2-T1), 1000*(T3-T2))
         headers = {"Content-Type": content_type}
         if compress:
             headers["Content-Encoding"] = "gzip"
@@ -261,22 +258,25 @@ class Exporter:
         )
         return collect_safely([collector])
 
-    def _collect_local(self, workers: list[WorkerSnapshot]) -> list[Metric]:
-        """Processes, host, GPUs and plugins' collectors (in a thread: they read /proc and NVML)."""
+    def _encode_local(self, workers: list[WorkerSnapshot], encoder: Any) -> bytes:
+        """Processes, host, GPUs and plugins' collectors, encoded (in a thread: /proc, NVML)."""
         members = tree_members(workers)
         collectors: list[Any] = [ProcessCollector(workers, members), self.host]
         if self.gpus is not None:
             collectors.append(GpuCollector(self.gpus.read(), workers, members))
-        return collect_safely(collectors + self.plugin_collectors)
+        return _without_eof(encoder(CollectedFamilies(collect_safely(collectors + self.plugin_collectors))))
 
     @staticmethod
-    def render(families: list[Metric], results: list[ScrapeResult], encoder: Any,
+    def render(own: list[Metric], local: bytes, results: list[ScrapeResult], encoder: Any,
                openmetrics: bool, compress: bool = False) -> bytes:
-        """Encode the exporter's families, then the workers' merged families (blocks: CPU)."""
-        own = encoder(CollectedFamilies(families + collect_safely([FederationCollector(results)])))
-        federated = merge_pages(results).render(openmetrics).encode()
-        if openmetrics:
-            body = own[: -len(_OPENMETRICS_EOF)] + federated + _OPENMETRICS_EOF
-        else:
-            body = own + federated
+        """The page: the supervisor's families, the local ones (already encoded), the
+        federation's status, then the workers' merged families (blocks: CPU)."""
+        head = _without_eof(encoder(CollectedFamilies(own + collect_safely([FederationCollector(results)]))))
+        body = b"".join((head, local, merge_pages(results).render(openmetrics).encode(),
+                         _OPENMETRICS_EOF if openmetrics else b""))
         return gzip.compress(body, compresslevel=1) if compress else body
+
+
+def _without_eof(encoded: bytes) -> bytes:
+    """An encoder's output without OpenMetrics' closing ``# EOF`` (the page has one, at its end)."""
+    return encoded.removesuffix(_OPENMETRICS_EOF)

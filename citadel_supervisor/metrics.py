@@ -431,7 +431,7 @@ class GpuCollector:
     def collect(self) -> Iterator[Metric]:
         """Yield the families."""
         labels = ["gpu", "uuid"]
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "utilization": GaugeMetricFamily("citadel_gpu_utilization_ratio",
                                              "Fraction of the last sample period a kernel ran.", labels=labels),
             "memory_used": GaugeMetricFamily("citadel_gpu_memory_used_bytes", "GPU memory in use.",

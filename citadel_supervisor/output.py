@@ -49,19 +49,25 @@ class RotatingFile:
         return self._fh
 
     def write(self, data: bytes, lines: int) -> None:
-        """Append ``data`` (``lines`` lines of it), rotating first if it would overflow.
+        """Append ``data`` (``lines`` whole lines), rotating whenever the file is full.
 
-        A chunk larger than ``max_bytes`` is split at line ends, so each file
-        stays within ``max_bytes`` (a single longer line has a file to itself).
+        The lines that fit fill the current file first; the rest go to the
+        next, so each file stays within ``max_bytes`` (a single line longer
+        than that has a file to itself).
         """
         try:
-            for piece in _line_runs(data, self.max_bytes):
+            while data:
                 fh = self._open()
-                if self._size and self._size + len(piece) > self.max_bytes:
-                    self._rotate()
-                    fh = self._open()
+                piece = _lines_within(data, self.max_bytes - self._size)
+                if not piece:
+                    if self._size:
+                        self._rotate()
+                        continue
+                    end = data.find(b"\n")
+                    piece = data if end < 0 else data[: end + 1]
                 os.write(fh, piece)
                 self._size += len(piece)
+                data = data[len(piece):]
         except OSError:
             self.dropped_lines += lines
             self.close()
@@ -87,18 +93,12 @@ class RotatingFile:
             self._fh = None
 
 
-def _line_runs(data: bytes, limit: int) -> Iterable[bytes]:
-    """Split ``data`` at line ends into runs of at most ``limit`` bytes (longer lines whole)."""
-    while len(data) > limit:
-        cut = data.rfind(b"\n", 0, limit)
-        if cut < 0:
-            cut = data.find(b"\n", limit)
-            if cut < 0:
-                break
-        yield data[: cut + 1]
-        data = data[cut + 1:]
-    if data:
-        yield data
+def _lines_within(data: bytes, room: int) -> bytes:
+    """The longest run of whole lines at the start of ``data`` that fits in ``room`` bytes."""
+    if len(data) <= room:
+        return data
+    cut = data.rfind(b"\n", 0, room) if room > 0 else -1
+    return data[: cut + 1] if cut >= 0 else b""
 
 
 class RateLimiter:

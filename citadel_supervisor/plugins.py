@@ -84,7 +84,9 @@ class PluginRegistry:
             try:
                 plugin = ep.load()
                 self.manager.register(plugin, name=ep.name)
-            except Exception as exc:  # any error in a third party's import is theirs, not ours
+            # Any error in a third party's import is theirs, not ours; a stray
+            # sys.exit() at import time must not end citadeld either.
+            except (Exception, SystemExit) as exc:  # noqa: BLE001
                 error = masker.mask(f"{type(exc).__name__}: {exc}")
                 self.records[ep.name] = PluginRecord(ep.name, dist_name, version, "failed", error=error)
                 logger.error(
@@ -116,7 +118,7 @@ class PluginRegistry:
         for impl in reversed(caller.get_hookimpls()):
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (a plugin's bug must not stop the others)
                 logger.opt(exception=exc).error(
                     "plugin {} failed in hook {}: {}", impl.plugin_name, hook_name,
                     masker.mask(f"{type(exc).__name__}: {exc}"),

@@ -58,6 +58,13 @@ async def _wait_until(condition: Callable[[], bool], timeout: float, interval: f
     return True
 
 
+def _leader(worker: Worker) -> int | None:
+    """The pid of the worker's process. A pid, not the ``ProcessTree``: holding on to an old
+    tree would delay closing its pipes' file objects until their fd numbers are reused."""
+    proc = worker.proc
+    return proc.pid if proc is not None else None
+
+
 class Supervisor:
     """Keeps every configured worker in the state the operator asked for."""
 
@@ -193,10 +200,10 @@ class Supervisor:
 
     async def _restart_one(self, worker: Worker) -> None:
         """Restart a worker and wait until its new process is running, or failed trying."""
-        old = worker.proc
+        old = _leader(worker)
         worker.restart()
         # Until the lifecycle task acts, the old process still runs and looks settled.
-        await _wait_until(lambda: (worker.proc is not None and worker.proc is not old) or not worker.wanted
+        await _wait_until(lambda: _leader(worker) not in (None, old) or not worker.wanted
                           or worker.state in (WorkerState.BACKOFF, WorkerState.FATAL),
                           worker.info.config.stop_timeout + 10)
         await worker.settled(worker.info.config.startup_timeout)
@@ -209,9 +216,9 @@ class Supervisor:
         if peers and not await _wait_until(lambda: any(p.ready for p in peers), timeout):
             logger.warning("rolling restart of {}: no other replica is ready; restarting {} anyway",
                            worker.info.service, worker.name)
-        old = worker.proc
+        old = _leader(worker)
         worker.restart()
-        await _wait_until(lambda: (worker.proc is not None and worker.proc is not old and worker.ready)
+        await _wait_until(lambda: (_leader(worker) not in (None, old) and worker.ready)
                           or worker.state == WorkerState.FATAL or not worker.wanted, timeout)
         if not worker.ready:
             logger.error("rolling restart of {} stopped: {} is {} and not ready", worker.info.service,

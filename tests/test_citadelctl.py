@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -232,16 +233,35 @@ def test_health(daemon: RunningDaemon) -> None:
     assert result.returncode == (1 if data["status"] == "fail" else 0)
 
 
-def test_gpus(daemon: RunningDaemon) -> None:
+def test_gpus_without_gpus(daemon: RunningDaemon) -> None:
     if "/v1/gpus" not in _served(daemon):
         pytest.skip("this citadeld has no /v1/gpus route")
     data = json.loads(daemon.ctl("gpus", "--json").stdout)
-    assert isinstance(data["available"], bool)
-    out = daemon.ctl("gpus").stdout
-    if data["available"]:
-        assert out.splitlines()[0].split()[:2] == ["INDEX", "NAME"]
-    else:
-        assert out.startswith("no GPUs")
+    assert data["available"] is False and data["gpus"] == []
+    assert daemon.ctl("gpus").stdout.startswith("no GPUs: ")
+
+
+def test_gpus_with_the_fake_nvml(daemon_factory: Any) -> None:
+    # This machine has no GPU: a FAKE NVML (CITADEL_FAKE_NVML) describes 8 of them.
+    name = f"pinned-{secrets.token_hex(3)}"
+    d = daemon_factory(f"""
+        [services.{name}]
+        type = "command"
+        command = ["sleep", "600"]
+        gpus = [1]
+        """, env={"CITADEL_FAKE_NVML": str(Path(__file__).parent / "fixtures" / "fake_host_8gpu.json")})
+    if "/v1/gpus" not in _served(d):
+        pytest.skip("this citadeld has no /v1/gpus route")
+    d.wait_state(name, "running")
+    data = json.loads(d.ctl("gpus", "--json").stdout)
+    assert data["available"] is True and len(data["gpus"]) == 8
+    result = d.ctl("gpus")
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["INDEX", "NAME", "MEMORY", "MiB", "UTIL", "WORKERS", "UUID"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {str(i) for i in range(8)}
+    assert name in rows["1"] and name not in rows["0"]
+    assert "FAKE" in result.stderr
 
 
 # -- shell completion ---------------------------------------------------------------------
@@ -288,13 +308,15 @@ def test_start_wait_exits_1_when_the_worker_does_not_come_up(daemon_factory: Any
     d = daemon_factory(f"""
         [services.{name}]
         type = "command"
-        command = ["sh", "-c", "echo cannot start >&2; exit 3"]
+        command = ["sh", "-c", "sleep 0.3; echo cannot start >&2; exit 3"]
         restart = "never"
+        probes.startup = {{ kind = "tcp", address = "127.0.0.1:9", period = 0.1 }}
         """)
     d.wait_for(lambda s: s[name]["state"] in ("stopped", "fatal"), what="it failed")
     result = d.ctl("start", name, "--wait", check=False)
     assert result.returncode == 1
     assert f"not running: {name}" in result.stderr
+    assert f"{name}: stopped" in result.stdout
 
 
 # -- reload ---------------------------------------------------------------------------------
@@ -329,3 +351,17 @@ def test_reload_reports_the_diff_and_refuses_an_invalid_config(daemon_factory: A
     assert failed.returncode == 1
     assert "reload failed, nothing changed" in failed.stderr and "replicas" in failed.stderr
     assert {n: w["pid"] for n, w in d.status().items()} == pids
+
+
+def test_citadelctl_status_imports_nothing_heavy(daemon: RunningDaemon) -> None:
+    # What keeps `citadelctl status` fast (bench/bench_ctl_status.py): none of the daemon's
+    # libraries are imported to print the table.
+    code = ("import sys\nfrom citadel_supervisor.cli.citadelctl import main\n"
+            "try:\n    main(['--socket', sys.argv[1], 'status'])\nexcept SystemExit:\n    pass\n"
+            "heavy = {'aiohttp', 'pydantic', 'pluggy', 'loguru', 'psutil', 'http.client', 'email',"
+            " 'citadel_supervisor.config', 'citadel_supervisor.masking'}\n"
+            "print(sorted(heavy & set(sys.modules)), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(daemon.socket)], capture_output=True,
+                            text=True, check=True)
+    assert "NAME" in result.stdout
+    assert result.stderr.strip() == "[]"

@@ -206,6 +206,7 @@ def test_wrong_types_name_the_element(tmp_path: Path) -> None:
         command = ["python3"]
         gpus = [0, [1]]
         replicas = "two"
+        env = { PORT = 8000 }
         [services.other]
         type = "command"
         command = ["python3"]
@@ -216,8 +217,9 @@ def test_wrong_types_name_the_element(tmp_path: Path) -> None:
     assert "(got 'two')" in one_issue(issues, "services.chat.replicas")
     other = one_issue(issues, "services.other.gpus")
     assert "GPU indices or UUIDs, a count, or 'auto'" in other and "(got 'two')" in other
+    assert "valid string (got 8000)" in one_issue(issues, "services.chat.env.PORT")
     assert not any("union[" in i or "literal[" in i for i in issues), issues
-    assert len(issues) == 3, issues
+    assert len(issues) == 4, issues
 
 
 def test_duplicate_ports(tmp_path: Path) -> None:
@@ -518,9 +520,14 @@ def test_plugin_sections(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+# The DESIGN example pins GPUs 0 and 1; this machine has none, so --check sees a FAKE NVML host.
+FAKE_GPU_HOST = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
+
+
 def check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "CITADEL_FAKE_NVML": str(FAKE_GPU_HOST), **(env or {})}
     return subprocess.run([CITADELD, "--check", "--config", str(path)], check=False, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+                          text=True, timeout=60, env=full_env)
 
 
 def test_check_valid_file(tmp_path: Path) -> None:

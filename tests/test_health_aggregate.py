@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from test_exporter import fetch, free_port, page_service
 
 from citadel_supervisor.config import HostChecksConfig
 from citadel_supervisor.gpu import GpuInfo
@@ -26,8 +27,6 @@ from citadel_supervisor.health_report import (
 )
 from citadel_supervisor.hostchecks import gpu_checks, grade, run_host_checks
 from citadel_supervisor.metrics import ProbeSnapshot, WorkerSnapshot
-
-from test_exporter import fetch, free_port, page_service
 
 #: Keys the draft defines for one object of ``checks``.
 CHECK_KEYS = {"componentId", "componentType", "observedValue", "observedUnit", "status",
@@ -190,7 +189,11 @@ failure_threshold = 1
         assert headers["Content-Type"].startswith("application/health+json")
         return status, json.loads(body)
 
-    status, doc = wait_for(lambda: (lambda r: r if "host:disk_free" in r[1]["checks"] else None)(report()))
+    def with_host_checks() -> tuple[int, dict[str, Any]] | None:
+        answer = report()
+        return answer if "host:disk_free" in answer[1]["checks"] else None
+
+    status, doc = wait_for(with_host_checks, what="the host checks")
     assert_health_json(doc)
     assert status == 503 and doc["status"] == "fail"  # gate is required and not ready
     assert doc["checks"]["gate:ready"][0]["status"] == "fail"
@@ -204,8 +207,11 @@ failure_threshold = 1
     status, doc = report()
     assert status == 200 and doc["status"] == "warn"  # only the disk threshold warns now
     assert_health_json(doc)
-    on_file = wait_for(lambda: (lambda f: f if f["status"] == "warn" else None)(json.loads(health_file.read_text())),
-                       what="the health file to follow")
+    def file_warns() -> dict[str, Any] | None:
+        on_file: dict[str, Any] = json.loads(health_file.read_text())
+        return on_file if on_file["status"] == "warn" else None
+
+    on_file = wait_for(file_warns, what="the health file to follow")
     assert_health_json(on_file)
     assert on_file["checks"]["gate:ready"][0]["observedValue"] is True
     # citadelctl health reads the same report over the control socket
@@ -214,14 +220,18 @@ failure_threshold = 1
 
 def test_a_failing_host_threshold_fails_health(daemon_factory: Any) -> None:
     port = free_port()
-    d = daemon_factory(f"""
+    daemon_factory(f"""
 [exporter]
 listen = "127.0.0.1:{port}"
 [exporter.host_checks]
 memory_available_fail_ratio = 1.0
 """)
-    status, _, body = wait_for(
-        lambda: (lambda r: r if "host:memory_available" in r[2] else None)(fetch(f"http://127.0.0.1:{port}/health")))
+
+    def with_memory_check() -> tuple[int, dict[str, str], str] | None:
+        answer = fetch(f"http://127.0.0.1:{port}/health")
+        return answer if "host:memory_available" in answer[2] else None
+
+    status, _, body = wait_for(with_memory_check, what="the memory check")
     doc = json.loads(body)
     assert_health_json(doc)
     assert status == 503 and doc["status"] == "fail"

@@ -48,6 +48,16 @@ def test_a_chunk_larger_than_max_bytes_is_split_at_line_ends(tmp_path: Path) -> 
     assert (tmp_path / "w.log.2").read_text().startswith("020")
 
 
+def test_lines_fill_the_current_file_before_rotating(tmp_path: Path) -> None:
+    (tmp_path / "w.log").write_bytes(b"o" * 99 + b"\n")
+    f = RotatingFile(tmp_path / "w.log", max_bytes=1000, backups=1)
+    f.write(b"".join(b"%03d" % i + b"n" * 96 + b"\n" for i in range(12)), 12)
+    f.close()
+    assert (tmp_path / "w.log.1").stat().st_size == 1000  # the old line and 9 new ones
+    assert (tmp_path / "w.log").read_text().startswith("009")
+    assert (tmp_path / "w.log").stat().st_size == 300
+
+
 def test_rotation_without_backups_truncates(tmp_path: Path) -> None:
     f = RotatingFile(tmp_path / "w.log", max_bytes=1000, backups=0)
     for i in range(25):
@@ -188,8 +198,8 @@ def test_flooding_worker_does_not_stall_the_daemon(daemon_factory: Any, tmp_path
     names = sorted(p.name for p in log_dir.iterdir() if p.name.startswith("flood"))
     assert names == ["flood.log", "flood.log.1", "flood.log.2"]
     assert (log_dir / "flood.log").stat().st_size <= 20000
-    for name in names[1:]:  # rotated when full, not early
-        assert 10000 < (log_dir / name).stat().st_size <= 20000
+    for name in names[1:]:  # rotated when full (a line is 101 bytes), not early
+        assert 20000 - 101 < (log_dir / name).stat().st_size <= 20000
 
 
 COUNTER = "import time\nfor i in range(10**6):\n    print('tick', i, flush=True)\n    time.sleep(0.05)\n"

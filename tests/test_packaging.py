@@ -140,7 +140,7 @@ def test_sysusers_and_tmpfiles_make_the_user_and_folders(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     passwd = (tmp_path / "etc" / "passwd").read_text()
     groups = {line.split(":")[0]: line for line in (tmp_path / "etc" / "group").read_text().splitlines()}
-    assert re.search(r"^citadel:x:\d+:\d+:.*:/var/lib/citadel:/usr/sbin/nologin$", passwd, re.M)
+    assert re.search(r"^citadel:x:\d+:\d+:.*:/var/lib/citadel:/usr/sbin/nologin$", passwd, re.MULTILINE)
     # The unit's User, Group and SupplementaryGroups all exist.
     for group in ["citadel"] + unit_settings(UNIT.read_text())["SupplementaryGroups"][0].split():
         assert group in groups
@@ -225,7 +225,8 @@ def test_dashboard_layout() -> None:
     assert {"datasource", "instance", "service"} <= names
     titles = " ".join(p["title"] for p in panels).lower()
     for wanted in ("workers by state", "restarts", "ready replicas", "tokens per second",
-                   "time to first token", "kv-cache", "gpu utilisation", "gpu memory per worker",
+                   "time to first token", "kv-cache", "gpu utilisation per worker",
+                   "gpu memory per worker",
                    "host cpu", "host memory"):
         assert wanted in titles
 

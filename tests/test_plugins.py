@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def test_check_isolates_the_broken_plugin(tmp_path: Path, site: Path) -> None:
     result = check(tmp_path, site, '[plugins]\ndisable = ["unwanted"]\n' + ECHO_SERVICE
                    + '[plugin.good]\ngreeting = "hi"\n')
     assert result.returncode == 0, result.stderr
-    assert "(1 services; plugins that failed to load: broken)" in result.stdout
+    assert "OK (1 services" in result.stdout
+    assert "plugins that failed to load: broken)" in result.stdout
     assert ("plugin broken from citadel-test-broken 1.0 failed to load and is skipped: "
             "RuntimeError: broken on purpose") in result.stderr
     assert "plugin unwanted (citadel-test-unwanted) is disabled" in result.stderr
@@ -140,6 +142,26 @@ def test_daemon_with_real_plugins(daemon_factory: Any, site: Path, tmp_path: Pat
 # --------------------------------------------------------------------------
 # The registry in this process
 # --------------------------------------------------------------------------
+
+
+def test_load_entry_points_survives_sys_exit_at_import(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    site = install_plugins(tmp_path / "site", {"exits": "citadel_test_exits", "good": "citadel_test_good",
+                                               "unwanted": "citadel_test_unwanted"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("CITADEL_DISABLE_PLUGINS", raising=False)
+    for module in ("citadel_test_exits", "citadel_test_good", "citadel_test_unwanted"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    registry = PluginRegistry()
+    registry.load_entry_points(disable=["unwanted"])
+    records = registry.records
+    assert records["exits"].status == "failed"
+    assert records["exits"].error == "SystemExit: 3"
+    assert records["exits"].distribution == "citadel-test-exits"
+    assert records["good"].status == "loaded"
+    assert records["unwanted"].status == "disabled"
+    assert "echo" in registry.service_types()
+    assert "citadel_test_unwanted" not in sys.modules
 
 
 class _Raises:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_exporter import fetch, free_port, page_service
 
 PROMETHEUS = shutil.which("prometheus")

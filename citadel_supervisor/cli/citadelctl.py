@@ -365,7 +365,14 @@ def events(ctl: Ctl, follow: bool) -> None:
 @click.pass_obj
 def health(ctl: Ctl, as_json: bool) -> None:
     """citadeld's health: every check, pass, warn or fail (exit 1 on fail)."""
-    data = ctl.call("GET", "/health")
+    try:
+        data = ctl.client.call("GET", API_PREFIX + "/health")
+    except DaemonUnreachableError as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except ControlError as exc:  # a failing report may come with an error status
+        if not (isinstance(exc.data, dict) and "status" in exc.data):
+            _fail(str(exc), _exit_code(exc))
+        data = exc.data
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -375,10 +382,11 @@ def health(ctl: Ctl, as_json: bool) -> None:
                                  else overall))
         for check, results in (data.get("checks") or {}).items():
             for r in results if isinstance(results, list) else [results]:
-                who = r.get("componentId") or r.get("component") or ""
+                who = str(r.get("componentId") or r.get("component") or "")
                 value = r.get("observedValue")
-                text = f"  {check}{' ' + who if who else ''}: {r.get('status', '?')}"
-                if value is not None:
+                shown = f"{check} {who}" if who and not check.startswith(f"{who}:") else check
+                text = f"  {shown}: {r.get('status', '?')}"
+                if value is not None and not isinstance(value, bool):
                     text += f" ({value}{' ' + r['observedUnit'] if r.get('observedUnit') else ''})"
                 if r.get("output"):
                     text += f": {r['output']}"
@@ -388,7 +396,17 @@ def health(ctl: Ctl, as_json: bool) -> None:
 
 
 def _mib(value: Any) -> str:
-    return f"{value // (1024 * 1024)}" if isinstance(value, int) else "-"
+    return str(value // (1024 * 1024)) if isinstance(value, int) else "?"
+
+
+def _gpu_row(g: dict[str, Any]) -> list[str]:
+    memory: dict[str, Any] = g["memory"] if isinstance(g.get("memory"), dict) else {}
+    used = memory.get("used", g.get("memory_used"))
+    total = memory.get("total", g.get("memory_total"))
+    util = g.get("utilization_percent")
+    return [str(g.get("index", "?")), str(g.get("name", "?")), f"{_mib(used)}/{_mib(total)}",
+            "-" if util is None else f"{util}%", ",".join(g.get("workers") or []) or "-",
+            str(g.get("uuid", "?"))]
 
 
 @main.command()
@@ -403,11 +421,10 @@ def gpus(ctl: Ctl, as_json: bool) -> None:
     if not data.get("available"):
         click.echo(f"no GPUs: {data.get('reason') or 'NVML found none'}")
         return
-    header = ["INDEX", "NAME", "MEMORY (MiB)", "WORKERS", "UUID"]
-    rows = [[str(g.get("index", "?")), str(g.get("name", "?")),
-             f"{_mib(g.get('memory_used'))}/{_mib(g.get('memory_total'))}",
-             ",".join(g.get("workers") or []) or "-", str(g.get("uuid", "?"))]
-            for g in data.get("gpus", [])]
+    if data.get("fake"):
+        click.echo("FAKE GPUs (CITADEL_FAKE_NVML is set): no real GPU is used", err=True)
+    header = ["INDEX", "NAME", "MEMORY MiB", "UTIL", "WORKERS", "UUID"]
+    rows = [_gpu_row(g) for g in data.get("gpus", [])]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())

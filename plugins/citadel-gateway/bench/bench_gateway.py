@@ -258,9 +258,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     """The figures as a Markdown table."""
-    lines = [f"load average at the end: {' '.join(f'{x:.2f}' for x in result['load_average'])}; "
-             f"{result['requests_per_target']} sequential requests per target; "
-             f"throughput with {result['concurrency']} concurrent clients", "",
+    load = " ".join(f"{x:.2f}" for x in result["load_average"])
+    lines = [(f"load average at the end: {load}; {result['requests_per_target']} sequential "
+              f"requests per target; throughput with {result['concurrency']} concurrent clients"), "",
              "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | requests/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     direct = result["targets"]["direct"]

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"citadel_gateway: bad settings: {exc}", file=sys.stderr)
         return 2
     logger.remove()
-    logger.add(sys.stderr, level=settings.log_level, format="{level} {message}")
+    # diagnose=False: a traceback must not print variable values (a request's headers).
+    logger.add(sys.stderr, level=settings.log_level, format="{level} {message}",
+               backtrace=False, diagnose=False)
 
     try:
         import uvloop

@@ -43,7 +43,8 @@ class GatewaySettings(Model):
     require_key: bool | None = Field(
         None, description="refuse requests without a key (default: true when keys are given)"
     )
-    retry: RetrySettings = Field(default_factory=RetrySettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings,
+                                 description="retrying on another worker")
     upstream_timeout: Duration = Field(
         600.0, gt=0, description="longest silence from a worker: before its answer or between chunks"
     )
@@ -55,7 +56,8 @@ class GatewaySettings(Model):
     stream_usage: bool = Field(
         True, description="ask streams for a final usage chunk (stream_options.include_usage)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="the gateway process's own log level")
 
     @field_validator("routes")
     @classmethod
@@ -109,7 +111,8 @@ class GatewayConfig(ServiceConfig, GatewaySettings):
     control_socket: Path | None = Field(
         None, description="citadeld's control socket (default: the daemon's own)"
     )
-    keys: list[KeyConfig] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list,
+                                  description="API keys: [[services.NAME.keys]] tables")
 
     @model_validator(mode="before")
     @classmethod

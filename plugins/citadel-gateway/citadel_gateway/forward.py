@@ -14,12 +14,10 @@ request there: vLLM aborts a request whose connection closes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from loguru import logger
 
@@ -29,10 +27,10 @@ from .config import GatewaySettings
 from .keys import ApiKey
 from .metrics import GatewayMetrics
 from .ratelimit import RateLimiter
+from .upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
 from .upstreams import Upstream
 from .usage import SseUsageTap, Usage, usage_in
 
-_UPSTREAM_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -76,7 +74,7 @@ class _AttemptFailed(Exception):
 
 
 class Forwarder:
-    """Owns the one HTTP client session to the workers."""
+    """Sends checked requests to workers, through the one ``UpstreamClient``."""
 
     def __init__(self, settings: GatewaySettings, balancer: Balancer, limiter: RateLimiter,
                  metrics: GatewayMetrics):
@@ -85,20 +83,7 @@ class Forwarder:
         self.limiter = limiter
         self.metrics = metrics
         self.retry_statuses = frozenset(settings.retry.statuses)
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
-                                             sock_read=settings.upstream_timeout)
-        self.session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        """Open the session (inside the running loop)."""
-        connector = aiohttp.TCPConnector(limit=0, use_dns_cache=True, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",))
-
-    async def close(self) -> None:
-        """Close the session and its connections."""
-        if self.session is not None:
-            await self.session.close()
+        self.client = UpstreamClient(settings.connect_timeout, settings.upstream_timeout)
 
     async def forward(self, request: web.Request, req: ProxiedRequest) -> web.StreamResponse:
         """Answer ``request`` from a worker serving ``req.model``; raises ``GatewayError``."""
@@ -145,7 +130,7 @@ class Forwarder:
         if failure.status is not None:
             # The worker's own error says more than ours would.
             return web.Response(status=failure.status, body=failure.body,
-                                content_type=failure.content_type.split(";")[0])
+                                content_type=failure.content_type)
         raise self._give_up_error(failure, "")
 
     @staticmethod
@@ -159,57 +144,62 @@ class Forwarder:
 
     async def _attempt(self, upstream: Upstream, request: web.Request,
                        req: ProxiedRequest) -> web.StreamResponse:
-        assert self.session is not None
         sent = time.perf_counter()
+        resp: UpstreamResponse | None = None
         try:
-            async with self.session.post(upstream.base_url + req.path, data=req.body,
-                                         headers=_UPSTREAM_HEADERS, timeout=self.timeout) as resp:
-                content_type = resp.headers.get("Content-Type", "application/json")
-                if resp.status in self.retry_statuses:
-                    raise _AttemptFailed(f"HTTP {resp.status}", resp.status, await resp.read(),
-                                         content_type)
-                if req.stream and resp.status == 200 and content_type.startswith("text/event-stream"):
-                    return await self._stream(resp, request, req, sent)
-                body = await resp.read()
-                self._observe(req, sent, time.perf_counter() - sent, usage_in(body))
-                return web.Response(status=resp.status, body=body,
-                                    content_type=content_type.split(";")[0])
+            resp = await self.client.post(upstream.host, upstream.port or 0, req.path, req.body)
+            if resp.status in self.retry_statuses:
+                raise _AttemptFailed(f"HTTP {resp.status}", resp.status, await resp.read(),
+                                     resp.content_type)
+            if req.stream and resp.status == 200 and resp.content_type == "text/event-stream":
+                return await self._stream(resp, request, req, sent)
+            body = await resp.read()
+            self._observe(req, sent, time.perf_counter() - sent, usage_in(body))
+            return web.Response(status=resp.status, body=body, content_type=resp.content_type)
         except _AttemptFailed:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _AttemptFailed(f"silent for {self.settings.upstream_timeout:g}s", timed_out=True) from None
-        except aiohttp.ClientError as exc:
-            raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
+        except UpstreamError as exc:
+            raise _AttemptFailed(str(exc)) from None
+        finally:
+            if resp is not None:
+                resp.close()  # a no-op once the body was read; else the worker sees the close
 
-    async def _stream(self, resp: aiohttp.ClientResponse, request: web.Request,
+    async def _stream(self, resp: UpstreamResponse, request: web.Request,
                       req: ProxiedRequest, sent: float) -> web.StreamResponse:
-        first = await resp.content.readany()
-        if not first:
-            raise _AttemptFailed("the stream ended before its first byte")
-        ttfb = time.perf_counter() - sent
-        out = web.StreamResponse(status=200, headers=_STREAM_HEADERS)
-        out.content_type = resp.headers.get("Content-Type", "text/event-stream").split(";")[0]
-        tap = SseUsageTap(req.strip_usage)
+        chunks = resp.chunks()
         try:
-            await out.prepare(request)
-            chunk = first
-            while chunk:
-                data = tap.feed(chunk)
+            first = await anext(chunks, b"")
+            if not first:
+                raise _AttemptFailed("the stream ended before its first byte")
+            ttfb = time.perf_counter() - sent
+            out = web.StreamResponse(status=200, headers=_STREAM_HEADERS)
+            out.content_type = resp.content_type
+            tap = SseUsageTap(req.strip_usage)
+            try:
+                await out.prepare(request)
+                data = tap.feed(first)
                 if data:
                     await out.write(data)
-                chunk = await resp.content.readany()
-            rest = tap.flush()
-            if rest:
-                await out.write(rest)
-            await out.write_eof()
-        except ConnectionResetError:
-            # The client left mid-stream: closing the worker's connection cancels its request.
-            resp.close()
-            raise ClientGone(out) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            logger.warning("{} stream for model {} (key {}) broke after its first byte: {}",
-                           req.path, req.model, req.key_name, str(exc) or type(exc).__name__)
-            resp.close()
+                async for chunk in chunks:
+                    data = tap.feed(chunk)
+                    if data:
+                        await out.write(data)
+                rest = tap.flush()
+                if rest:
+                    await out.write(rest)
+                await out.write_eof()
+            except ConnectionResetError:
+                # The client left mid-stream: closing the worker's connection cancels its request.
+                resp.close()
+                raise ClientGone(out) from None
+            except (UpstreamError, TimeoutError) as exc:
+                logger.warning("{} stream for model {} (key {}) broke after its first byte: {}",
+                               req.path, req.model, req.key_name, str(exc) or type(exc).__name__)
+                resp.close()
+        finally:
+            await chunks.aclose()
         self._observe(req, sent, ttfb, tap.usage)
         return out
 

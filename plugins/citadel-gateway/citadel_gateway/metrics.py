@@ -5,7 +5,9 @@ citadeld federates them like any worker's: the gateway type's
 gateway does not use the in-daemon collector hook). Label values are the
 configured key name (never the key) and models the gateway knows; a request
 for an unknown model counts under ``model="-"``, so that clients cannot
-create label values at will.
+create label values at will. Names start with ``gateway_``, not
+``citadel_``: the exporter keeps that prefix for its own families and drops
+federated families that use it.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield the gauges (runs in the scrape handler, on the loop)."""
-        queue = GaugeMetricFamily("citadel_gateway_queue_depth",
+        queue = GaugeMetricFamily("gateway_queue_depth",
                                   "Requests waiting for a free worker, by model", labels=["model"])
         depths = self.queue_depths()
         for model in sorted(set(depths) | set(self.table.routes)):
             queue.add_metric([model], depths.get(model, 0))
         yield queue
-        outstanding = GaugeMetricFamily("citadel_gateway_outstanding_requests",
+        outstanding = GaugeMetricFamily("gateway_outstanding_requests",
                                         "Requests in flight to each worker", labels=["worker"])
-        ready = GaugeMetricFamily("citadel_gateway_worker_in_rotation",
+        ready = GaugeMetricFamily("gateway_worker_in_rotation",
                                   "1 when the worker is running and ready", labels=["worker"])
         for upstream in self.table.workers.values():
             outstanding.add_metric([upstream.name], upstream.outstanding)
@@ -53,21 +55,21 @@ class GatewayMetrics:
     def __init__(self, table: UpstreamTable, queue_depths: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("citadel_gateway_requests", "Requests answered, by model, key and status",
+        self.requests = Counter("gateway_requests", "Requests answered, by model, key and status",
                                 ["model", "key", "status"], registry=r)
         self.upstream_latency = Histogram(
-            "citadel_gateway_upstream_latency_seconds",
+            "gateway_upstream_latency_seconds",
             "From sending a request to a worker to its last byte", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_ttfb = Histogram(
-            "citadel_gateway_upstream_time_to_first_byte_seconds",
+            "gateway_upstream_time_to_first_byte_seconds",
             "From sending a request to a worker to the first byte of its answer's body", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.retries = Counter("citadel_gateway_retries", "Requests retried on another worker",
+        self.retries = Counter("gateway_retries", "Requests retried on another worker",
                                ["model"], registry=r)
-        self.tokens = Counter("citadel_gateway_tokens", "Tokens the workers reported, by model, key and kind",
+        self.tokens = Counter("gateway_tokens", "Tokens the workers reported, by model, key and kind",
                               ["model", "key", "kind"], registry=r)
         self.client_disconnects = Counter(
-            "citadel_gateway_client_disconnects", "Requests whose client left before the answer ended",
+            "gateway_client_disconnects", "Requests whose client left before the answer ended",
             ["model"], registry=r)
         r.register(_LiveState(table, queue_depths))

@@ -43,7 +43,7 @@ class TokenBucket:
     def wait_for_positive(self) -> float:
         """0.0 when the bucket holds more than nothing, else seconds until it will."""
         level = self._refill()
-        return 0.0 if level > 0 else (-level + 1e-9) / self.rate
+        return 0.0 if level > 0 else max(-level / self.rate, 1e-3)
 
     def charge(self, amount: float) -> None:
         """Take ``amount`` now, even into debt (for usage learned after the fact)."""

@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 
 from citadel_supervisor import hookimpl
-from citadel_supervisor.config import CitadelConfig, ConfigIssue, ProbeConfig, ProbesConfig, format_path
+from citadel_supervisor.config import (
+    CitadelConfig,
+    ConfigIssue,
+    ProbeConfig,
+    ProbesConfig,
+    format_path,
+)
 from citadel_supervisor.services.base import ServiceType, SpawnSpec, WorkerInfo
 
 from .config import GatewayConfig, GatewaySettings

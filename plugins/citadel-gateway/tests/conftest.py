@@ -11,6 +11,7 @@ in the main tests as in these. The gateway's helpers live in
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,16 @@ MAIN_TESTS = HERE.parents[2] / "tests"
 
 if str(MAIN_TESTS) not in sys.path:
     sys.path.append(str(MAIN_TESTS))
-_spec = importlib.util.spec_from_file_location("citadel_main_conftest", MAIN_TESTS / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-main_conftest = importlib.util.module_from_spec(_spec)
-sys.modules["citadel_main_conftest"] = main_conftest
-_spec.loader.exec_module(main_conftest)
+# One instance, shared with any other plugin's tests that load it the same way.
+if "citadel_main_conftest" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("citadel_main_conftest", MAIN_TESTS / "conftest.py")
+    assert _spec is not None and _spec.loader is not None
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["citadel_main_conftest"] = _module
+    _spec.loader.exec_module(_module)
+main_conftest = sys.modules["citadel_main_conftest"]
 globals().update({name: value for name, value in vars(main_conftest).items()
-                  if not name.startswith("_") and name not in globals()})
+                  if not name.startswith(("_", "pytest_")) and name not in globals()})
 RunningDaemon = main_conftest.RunningDaemon
 
 
@@ -49,6 +53,6 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         if daemon.proc is not None and daemon.proc.poll() is None:
             try:
                 daemon.stop(timeout=20)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 daemon.proc.kill()
                 daemon.proc.wait()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from gateway_harness import Http, fake_service, free_ports, read_sse, sha256_hash, wait_until
 
 ADMIN = "sk-admin-5d1e3a7c9b0f4e21"
@@ -38,9 +37,10 @@ FAKES = ("alpha-1", "alpha-2", "solo", "beta-bad")
 class Deployment:
     """The running daemon, the gateway's client, and each fake's client."""
 
-    def __init__(self, daemon: Any, gateway_port: int, fake_ports: dict[str, int]):
+    def __init__(self, daemon: Any, gateway_port: int, fake_ports: dict[str, int], exporter_port: int):
         self.daemon = daemon
         self.gw = Http(gateway_port)
+        self.exporter = Http(exporter_port)
         self.fakes = {name: Http(port) for name, port in fake_ports.items()}
 
     def stats(self, name: str) -> dict[str, Any]:
@@ -76,18 +76,21 @@ class Deployment:
 
     def in_rotation(self, name: str) -> bool:
         """True when the gateway routes to ``name``."""
-        return self.metric("citadel_gateway_worker_in_rotation", worker=name) == 1.0
+        return self.metric("gateway_worker_in_rotation", worker=name) == 1.0
 
 
 @pytest.fixture(scope="module")
 def deployment(module_daemon: Any, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    gw_port, *ports = free_ports(1 + len(FAKES))
+    gw_port, exporter_port, *ports = free_ports(2 + len(FAKES))
     fake_ports = dict(zip(FAKES, ports))
     creds = tmp_path_factory.mktemp("credentials")
     (creds / "gw-limited").write_text(LIMITED)
     services = "".join(fake_service(name, port, fail="reset" if name == "beta-bad" else "none")
                        for name, port in fake_ports.items())
     daemon = module_daemon(services + f"""
+[exporter]
+listen = "127.0.0.1:{exporter_port}"
+
 [services.gw]
 type = "gateway"
 listen = "127.0.0.1:{gw_port}"
@@ -117,7 +120,7 @@ name = "alpha-only"
 hash = "{sha256_hash(ALPHA_ONLY)}"
 models = ["alpha"]
 """, env={"CREDENTIALS_DIRECTORY": str(creds)})
-    dep = Deployment(daemon, gw_port, fake_ports)
+    dep = Deployment(daemon, gw_port, fake_ports, exporter_port)
     daemon.wait_state("gw", "running", timeout=60)
     wait_until(lambda: all(dep.in_rotation(n) for n in FAKES), 30, "every fake in rotation")
     return dep
@@ -192,7 +195,7 @@ def test_full_queue_answers_429_with_retry_after(deployment: Deployment) -> None
     # solo takes 2 at once (per_worker_concurrency) and 2 more wait (queue_size).
     with ThreadPoolExecutor(4) as pool:
         slow = [pool.submit(deployment.chat, "solo", ADMIN, fake_delay=2) for _ in range(4)]
-        wait_until(lambda: deployment.metric("citadel_gateway_queue_depth", model="solo") == 2,
+        wait_until(lambda: deployment.metric("gateway_queue_depth", model="solo") == 2,
                    10, "two requests queued for solo")
         status, headers, data = deployment.chat("solo")
         assert status == 429, data
@@ -200,7 +203,7 @@ def test_full_queue_answers_429_with_retry_after(deployment: Deployment) -> None
         error = _error(data)
         assert error["code"] == "queue_full"
         assert [f.result()[0] for f in slow] == [200] * 4
-    assert deployment.metric("citadel_gateway_queue_depth", model="solo") == 0
+    assert deployment.metric("gateway_queue_depth", model="solo") == 0
 
 
 def test_requests_per_minute_limit(deployment: Deployment) -> None:
@@ -232,7 +235,7 @@ def test_tokens_per_minute_limit_counts_reported_usage(deployment: Deployment) -
     assert status == 429, data
     assert _error(data)["type"] == "tokens"
     assert int(headers["retry-after"]) >= 1
-    assert deployment.metric("citadel_gateway_tokens_total", key="tokens", kind="prompt") == 20
+    assert deployment.metric("gateway_tokens_total", key="tokens", kind="prompt") == 20
 
 
 def test_failed_request_is_retried_once_on_another_worker(deployment: Deployment) -> None:
@@ -242,7 +245,7 @@ def test_failed_request_is_retried_once_on_another_worker(deployment: Deployment
         assert status == 200, data
         assert data["system_fingerprint"] == "alpha-2"
     assert deployment.stats("beta-bad")["requests"] > before, "beta-bad should have been tried"
-    assert deployment.metric("citadel_gateway_retries_total", model="beta") >= 1
+    assert deployment.metric("gateway_retries_total", model="beta") >= 1
 
 
 def test_failure_without_another_worker_is_a_502(deployment: Deployment) -> None:
@@ -270,7 +273,7 @@ def test_client_disconnect_cancels_the_upstream_request(deployment: Deployment) 
     conn.close()
     wait_until(lambda: deployment.stats("solo")["cancelled"] == before + 1, 10,
                "solo to see its stream cancelled")
-    wait_until(lambda: deployment.metric("citadel_gateway_outstanding_requests", worker="solo") == 0,
+    wait_until(lambda: deployment.metric("gateway_outstanding_requests", worker="solo") == 0,
                10, "solo's slots to be released")
 
 
@@ -299,13 +302,22 @@ def test_bad_input_gets_openai_errors_and_reaches_no_worker(deployment: Deployme
 
 def test_metrics_count_by_model_key_and_status(deployment: Deployment) -> None:
     deployment.chat("alpha")
-    assert deployment.metric("citadel_gateway_requests_total", model="alpha", key="admin", status="200") >= 1
-    assert deployment.metric("citadel_gateway_requests_total", model="-", key="-", status="401") >= 1
+    assert deployment.metric("gateway_requests_total", model="alpha", key="admin", status="200") >= 1
+    assert deployment.metric("gateway_requests_total", model="-", key="-", status="401") >= 1
     text = deployment.metrics()
-    for family in ("citadel_gateway_upstream_latency_seconds_bucket",
-                   "citadel_gateway_upstream_time_to_first_byte_seconds_bucket",
-                   "citadel_gateway_queue_depth"):
+    for family in ("gateway_upstream_latency_seconds_bucket",
+                   "gateway_upstream_time_to_first_byte_seconds_bucket",
+                   "gateway_queue_depth"):
         assert family in text
+
+
+def test_citadeld_exporter_federates_the_gateway_metrics(deployment: Deployment) -> None:
+    deployment.chat("alpha")
+    status, _, text = deployment.exporter.get("/metrics")
+    assert status == 200
+    lines = [line for line in text.splitlines()
+             if line.startswith("gateway_requests_total{") and 'key="admin"' in line]
+    assert lines and all('service="gw"' in line and 'worker="gw"' in line for line in lines), lines
 
 
 def test_worker_that_stops_being_ready_leaves_the_rotation(deployment: Deployment) -> None:
@@ -360,10 +372,10 @@ def test_concurrent_requests_share_both_replicas(deployment: Deployment) -> None
 
     thread = threading.Thread(target=slow)
     thread.start()
-    wait_until(lambda: deployment.metric("citadel_gateway_outstanding_requests", worker="alpha-1")
-               + deployment.metric("citadel_gateway_outstanding_requests", worker="alpha-2") == 1,
+    wait_until(lambda: deployment.metric("gateway_outstanding_requests", worker="alpha-1")
+               + deployment.metric("gateway_outstanding_requests", worker="alpha-2") == 1,
                10, "the slow request to be in flight")
-    busy = "alpha-1" if deployment.metric("citadel_gateway_outstanding_requests", worker="alpha-1") else "alpha-2"
+    busy = "alpha-1" if deployment.metric("gateway_outstanding_requests", worker="alpha-1") else "alpha-2"
     others = {deployment.chat("alpha")[2]["system_fingerprint"] for _ in range(3)}
     thread.join()
     assert busy not in others

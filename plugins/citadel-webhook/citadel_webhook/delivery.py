@@ -76,22 +76,24 @@ class Endpoint:
 
     async def _run(self) -> None:
         assert self._queue is not None
+        current: tuple[Delivery, WebhookConfig] | None = None
         try:
             while True:
-                delivery, config = await self._queue.get()
+                current = await self._queue.get()
                 try:
-                    await self.post(delivery, config)
+                    await self.post(*current)
                 finally:
                     self._queue.task_done()
+                current = None
         except asyncio.CancelledError:
             # citadeld is exiting: what its last worker stops produced is
-            # still queued. One try each, within one timeout, then let go.
-            await self._flush()
+            # still queued (and one delivery may be half-sent: it goes again,
+            # under the same id). One try each, within one timeout, then let go.
+            await self._flush([current] if current is not None else [])
             raise
 
-    async def _flush(self) -> None:
+    async def _flush(self, pending: list[tuple[Delivery, WebhookConfig]]) -> None:
         assert self._queue is not None
-        pending = []
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
             self._queue.task_done()

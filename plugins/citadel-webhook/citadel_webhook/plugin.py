@@ -50,6 +50,7 @@ class WebhookPlugin:
         self.endpoints: dict[str, Endpoint] = {}
         self.host = socket.gethostname()
         self._session: aiohttp.ClientSession | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     # -- hooks ------------------------------------------------------------------
 
@@ -84,7 +85,9 @@ class WebhookPlugin:
     @hookimpl
     def citadel_daemon_stopping(self, supervisor: Supervisor) -> None:
         """Close the HTTP session once the last deliveries went out (see ``_close``)."""
-        asyncio.get_running_loop().create_task(self._close(), name="citadel-webhook close")
+        # Kept referenced: the loop holds tasks weakly, and this one only waits.
+        self._closing = asyncio.get_running_loop().create_task(
+            self._close(), name="citadel-webhook close")
 
     # -- the rest ---------------------------------------------------------------
 

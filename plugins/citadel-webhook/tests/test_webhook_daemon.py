@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SECRET, WebhookReceiver
+from webhook_receiver import SECRET, WebhookReceiver
 
 PY = sys.executable
 
@@ -31,6 +31,12 @@ def _config(receiver: WebhookReceiver, events: str = '["state", "restart", "exit
         start_limit_burst = 3
         start_limit_interval = 60
         """
+
+
+def _assert_no_asyncio_trouble(logs: str) -> None:
+    """What a task or session the plugin lost track of would print."""
+    for trouble in ("Unclosed client session", "Task was destroyed", "Traceback"):
+        assert trouble not in logs
 
 
 def _transitions(bodies: list[dict]) -> list[tuple[str | None, str]]:
@@ -62,6 +68,8 @@ def test_a_crashing_worker_posts_its_state_changes_restarts_and_fatal(
     plugins = {p["name"]: p for p in json.loads(daemon.ctl("plugins", "--json").stdout)["plugins"]}
     assert plugins["webhook"]["status"] == "loaded"
     assert plugins["webhook"]["distribution"] == "citadel-webhook"
+    daemon.stop()
+    _assert_no_asyncio_trouble(daemon.logs())
 
 
 def test_a_receiver_that_fails_first_gets_every_event_then(daemon_factory, receiver, credentials):
@@ -96,7 +104,7 @@ def test_the_last_events_go_out_when_citadeld_stops(daemon_factory, receiver, cr
     bodies = receiver.wait_for(lambda b: ("stopping", "stopped") in _transitions(b), timeout=5,
                                what="the stop's events")
     assert _transitions(bodies)[-2:] == [("running", "stopping"), ("stopping", "stopped")]
-    assert "Unclosed client session" not in daemon.logs()
+    _assert_no_asyncio_trouble(daemon.logs())
 
 
 def test_check_names_the_bad_key_and_never_shows_the_secret(tmp_path):

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from citadel_webhook import WebhookConfig
 from citadel_webhook.delivery import Delivery, Endpoint, backoff_delay
-from conftest import SECRET, WebhookReceiver
+from webhook_receiver import SECRET, WebhookReceiver
 
 
 def _config(receiver: WebhookReceiver, **changes: object) -> WebhookConfig:
@@ -91,3 +91,22 @@ def test_backoff_doubles_and_is_capped():
     config = WebhookConfig(urls=["http://127.0.0.1:1/"], secret=SECRET, backoff=1.0)
     assert [backoff_delay(config, n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert backoff_delay(config, 30) == 60.0
+
+
+def test_a_cancelled_sender_still_posts_what_is_queued_once(receiver):
+    # citadeld's loop cancels every task on exit; the last events must still go out.
+
+    async def run() -> Endpoint:
+        async with aiohttp.ClientSession() as session:
+            endpoint = Endpoint(receiver.url, lambda: session, "citadel-webhook/test")
+            config = _config(receiver)
+            for i in range(3):
+                endpoint.offer(Delivery(f"d{i}", "state", "chat", b'{"n": %d}' % i), config)
+            await asyncio.sleep(0)  # the sender starts, and takes d0
+            endpoint._task.cancel()
+            await endpoint.stopped()
+            return endpoint
+
+    asyncio.run(run())
+    # d0 was in flight when the cancel came: it goes again, first, under its own id.
+    assert [r.headers["X-Citadel-Delivery"] for r in receiver.received()] == ["d0", "d1", "d2"]

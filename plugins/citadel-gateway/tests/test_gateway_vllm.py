@@ -1,0 +1,95 @@
+"""End to end: the gateway in front of real vLLM on the CPU, under a real citadeld.
+
+A chat completion and a streamed one through the gateway, routed by the
+model name the ``vllm`` type reports (no ``routes`` table). Needs vLLM in
+``.venv-vllm`` and the models in ``var/models`` (``scripts/setup-models``;
+``./scripts/test`` runs it). ``CITADEL_SKIP_E2E=1`` skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_harness import Http, free_ports, read_sse, sha256_hash, wait_gateway_models
+
+from citadel_supervisor.plugins import load_plugins
+
+REPO = Path(__file__).resolve().parents[3]
+VLLM_PYTHON = Path(os.environ.get("CITADEL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+MODEL_DIR = Path(os.environ.get("CITADEL_MODEL_DIR", REPO / "var" / "models"))
+CHAT_MODEL = MODEL_DIR / "smollm2-135m-instruct"
+KEY = "sk-gateway-e2e-3c5e7a9b1d2f4a6c"
+
+
+def _missing() -> str | None:
+    if not VLLM_PYTHON.exists():
+        return f"{VLLM_PYTHON} is missing (scripts/setup-models sets it up)"
+    if "vllm" not in load_plugins().service_types():
+        return "the vllm service type is not installed"
+    return None
+
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.environ.get("CITADEL_SKIP_E2E") == "1", reason="CITADEL_SKIP_E2E=1"),
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+]
+
+
+def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> None:
+    assert CHAT_MODEL.exists(), f"{CHAT_MODEL} is missing: run ./scripts/setup-models"
+    gw_port, vllm_port = free_ports(2)
+    daemon = daemon_factory(f"""
+        [services.chat]
+        type = "vllm"
+        model = "{CHAT_MODEL}"
+        served_model_name = "smollm2"
+        python = "{VLLM_PYTHON}"
+        port = {vllm_port}
+        max_model_len = 1024
+        args = ["--enforce-eager"]
+        env = {{ VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1", VLLM_NO_USAGE_STATS = "1" }}
+        startup_timeout = 400
+
+        [services.gw]
+        type = "gateway"
+        listen = "127.0.0.1:{gw_port}"
+        [[services.gw.keys]]
+        name = "e2e"
+        hash = "{sha256_hash(KEY)}"
+        """, start=False)
+    daemon.config.write_text(daemon.config.read_text().replace("[daemon]\n", '[daemon]\ncgroups = "off"\n', 1))
+    daemon.start()
+    daemon.wait_state("chat", "running", timeout=420)
+    gw = Http(gw_port)
+    wait_gateway_models(gw, KEY, {"smollm2"}, timeout=60)
+
+    question = {"model": "smollm2", "max_tokens": 12, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    status, _, data = gw.post("/v1/chat/completions", question, key=KEY, timeout=120)
+    assert status == 200, data
+    assert "paris" in data["choices"][0]["message"]["content"].lower()
+    assert data["usage"]["total_tokens"] > 0
+
+    conn, resp = gw.stream("/v1/chat/completions", {**question, "stream": True}, key=KEY, timeout=120)
+    try:
+        assert resp.status == 200
+        events = read_sse(resp)
+    finally:
+        conn.close()
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert "paris" in text.lower()
+    assert all(c["choices"] for c in chunks), "the usage chunk the gateway asked for stays with it"
+
+    _, _, metrics = gw.get("/metrics")
+    completion = [line for line in metrics.splitlines()
+                  if line.startswith("gateway_tokens_total{") and 'key="e2e"' in line
+                  and 'kind="completion"' in line]
+    assert completion and float(completion[0].rsplit(" ", 1)[1]) > 0, \
+        "the stream's usage (and the answer's) counted for the key"
