@@ -39,13 +39,19 @@ def _own_cgroup_dir() -> Path | None:
 
 
 class CgroupTree:
-    """The folder under which per-worker cgroups are created."""
+    """The folder under which per-worker cgroups are created.
 
-    def __init__(self, base: Path):
+    Names carry an instance key (from citadeld's ``state_dir``), so two
+    citadelds sharing a cgroup (as every process does outside systemd) never
+    take each other's workers for leftovers.
+    """
+
+    def __init__(self, base: Path, instance: str):
         self.base = base
+        self.prefix = f"{_PREFIX}{instance}-"
 
     @classmethod
-    def detect(cls) -> CgroupTree | None:
+    def detect(cls, instance: str) -> CgroupTree | None:
         """A tree under this process's own cgroup, or None where it cannot be written."""
         base = _own_cgroup_dir()
         if base is None or not os.access(base, os.W_OK):
@@ -61,11 +67,11 @@ class CgroupTree:
         if not has_kill:
             logger.info("cgroup v2 at {} has no cgroup.kill (Linux < 5.14); using process groups", base)
             return None
-        return cls(base)
+        return cls(base, instance)
 
     def path_for(self, worker: str) -> Path:
         """The cgroup folder of a worker."""
-        return self.base / (_PREFIX + worker)
+        return self.base / (self.prefix + worker)
 
     def prepare(self, worker: str) -> Path:
         """Create a worker's cgroup, first killing anything left in an old one."""

@@ -7,6 +7,7 @@ Signal handlers only queue the signal; the main loop dispatches it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import sys
@@ -239,7 +240,8 @@ class Daemon:
         check_log_dir(cfg.daemon.log_dir)
         state_file = StateFile(cfg.daemon.state_dir / "workers.json")
         state_file.stop_leftovers()
-        cgroup_tree = CgroupTree.detect() if cfg.daemon.cgroups == "auto" else None
+        instance = hashlib.sha1(str(cfg.daemon.state_dir.resolve()).encode()).hexdigest()[:8]
+        cgroup_tree = CgroupTree.detect(instance) if cfg.daemon.cgroups == "auto" else None
         logger.info("citadeld {} starting (pid {}); workers get {}", __version__, os.getpid(),
                     f"cgroups under {cgroup_tree.base}" if cgroup_tree else "process groups")
         probe_kinds = {**BUILTIN_KINDS, **self.plugins.collect_named("citadel_probe_kinds", "probe kind")}

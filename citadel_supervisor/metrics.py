@@ -168,7 +168,7 @@ class LoopLagMonitor:
     a short stall is still visible to a scrape that comes later.
     """
 
-    def __init__(self, period: float = 0.1, window: float = 10.0):
+    def __init__(self, period: float = 1.0, window: float = 60.0):
         self.period = period
         self.window = window
         self.samples: deque[tuple[float, float]] = deque()  # (monotonic time, lag)

@@ -4,7 +4,7 @@ One spawn path (``spawn``) for every child citadeld starts. Each worker:
 
 - runs in its own session and process group, never through a shell unless
   its config asks for one;
-- has ``PR_SET_PDEATHSIG`` set, so it dies if citadeld is killed;
+- has ``PR_SET_PDEATHSIG`` (SIGTERM) set, so it stops if citadeld is killed;
 - is tagged with ``CITADEL_SPAWN_ID`` in its environment, which its
   descendants inherit, so orphans reparented to citadeld (a child
   subreaper) are recognised as the worker's;
@@ -80,6 +80,50 @@ def become_subreaper() -> bool:
     return True
 
 
+def own_children() -> list[int]:
+    """The pids of this process's children, from ``/proc/self/task/*/children``.
+
+    Far cheaper than psutil's ``children()``, which reads every process on the host.
+    """
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _process_table() -> dict[int, tuple[int, int, bool]]:
+    """Every process on the host: pid -> (parent pid, process group, is a zombie); one /proc pass."""
+    table: dict[int, tuple[int, int, bool]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split(b" ", 4)
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0] == b"Z")
+    return table
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
+
+
 class ChildRegistry:
     """The pids citadeld forked itself: the orphan reaper must leave them alone."""
 
@@ -93,10 +137,16 @@ class ChildRegistry:
         exit statuses are left for their own pidfd waiters.
         """
         reaped = []
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return reaped
+        for pid in own_children():
+            if pid in self.pids or not _is_zombie(pid):
+                continue
+            try:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if waited:
+                reaped.append((waited, status))
+        return reaped
         for child in children:
             if child.pid in self.pids:
                 continue
@@ -118,7 +168,10 @@ children = ChildRegistry()
 def _preexec(cgroup_procs_fd: int | None, cpus: set[int] | None, parent: int) -> Callable[[], None]:
     def run_in_child() -> None:
         # Runs between fork and exec: raw syscalls only.
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # SIGTERM, not SIGKILL: vLLM's API server then takes its EngineCore and Worker
+        # down with it (SIGKILL would orphan them, holding GPU memory: vLLM issue 55510).
+        # A leader that ignores SIGTERM is stopped by the next citadeld (statefile.py).
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # citadeld died before the prctl took effect
             os._exit(1)
         if cgroup_procs_fd is not None:
@@ -132,8 +185,12 @@ def _preexec(cgroup_procs_fd: int | None, cpus: set[int] | None, parent: int) ->
 class ProcessTree:
     """A spawned worker: its leader, and the means to find and kill its descendants."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], spawn_id: str, cgroup: Path | None):
+    def __init__(self, popen: subprocess.Popen[bytes], spawn_id: str, cgroup: Path | None,
+                 pipes: tuple[int, int] | None = None):
         self.popen = popen
+        # Raw fds that we own, not Popen's file objects: those would close their fd
+        # again when collected, by then perhaps another worker's pidfd or pipe.
+        self._pipes = pipes
         self.pid = popen.pid
         self.spawn_id = spawn_id
         self.cgroup = cgroup
@@ -146,15 +203,15 @@ class ProcessTree:
 
     @property
     def stdout(self) -> int:
-        """The read end of the worker's stdout pipe."""
-        assert self.popen.stdout is not None
-        return self.popen.stdout.fileno()
+        """The read end of the worker's stdout pipe (the reader closes it)."""
+        assert self._pipes is not None, "spawned without capture_output"
+        return self._pipes[0]
 
     @property
     def stderr(self) -> int:
-        """The read end of the worker's stderr pipe."""
-        assert self.popen.stderr is not None
-        return self.popen.stderr.fileno()
+        """The read end of the worker's stderr pipe (the reader closes it)."""
+        assert self._pipes is not None, "spawned without capture_output"
+        return self._pipes[1]
 
     def _on_pidfd(self) -> None:
         try:
@@ -189,33 +246,31 @@ class ProcessTree:
         """Every live process of this worker's tree, leader included."""
         if self.cgroup is not None:
             return {p for p in cgroups.procs(self.cgroup) if _alive(p)}
-        found: set[int] = set()
-        if self.leader_alive and _alive(self.pid):
-            found.add(self.pid)
-        try:
-            found.update(c.pid for c in psutil.Process(self.pid).children(recursive=True))
-        except psutil.Error:
-            pass
-        for proc in psutil.process_iter(["pid"]):
-            pid = proc.info["pid"]
-            if pid in found or pid == os.getpid():
-                continue
-            try:
-                if os.getpgid(pid) == self.pid:
-                    found.add(pid)
-            except OSError:
-                continue
+        table = _process_table()
+        found = {pid for pid, (_, pgid, _) in table.items() if pgid == self.pid}
+        found.add(self.pid)
+        by_parent: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            by_parent.setdefault(ppid, []).append(pid)
+        stack = [self.pid]
+        while stack:  # the leader's descendants, whichever group or session they moved to
+            for child in by_parent.get(stack.pop(), []):
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+        found.discard(os.getpid())
         found.update(self._tagged_orphans())
-        return {p for p in found if _alive(p)}
+        return {p for p in found if p in table and not table[p][2]}
 
     def _tagged_orphans(self) -> set[int]:
         tagged = set()
-        me = psutil.Process()
-        try:
-            adopted = [c for c in me.children() if c.pid not in children.pids]
-        except psutil.Error:
-            return tagged
-        for child in adopted:
+        for pid in own_children():
+            if pid in children.pids:
+                continue
+            try:
+                child = psutil.Process(pid)
+            except psutil.Error:
+                continue
             try:
                 if child.environ().get(SPAWN_ID_ENV) == self.spawn_id:
                     tagged.add(child.pid)
@@ -348,13 +403,15 @@ def spawn(
     spawn_id = uuid.uuid4().hex
     env = {**env, SPAWN_ID_ENV: spawn_id}
     procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY) if cgroup is not None else None
-    out = subprocess.PIPE if capture_output else subprocess.DEVNULL
+    if capture_output:
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
     try:
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
+            stdout=out_write if capture_output else subprocess.DEVNULL,
+            stderr=err_write if capture_output else subprocess.DEVNULL,
             env=env,
             cwd=cwd,
             start_new_session=True,
@@ -362,14 +419,20 @@ def spawn(
             pass_fds=(procs_fd,) if procs_fd is not None else (),
             preexec_fn=_preexec(procs_fd, cpu_affinity, os.getpid()),
         )
-    except FileNotFoundError:
-        raise SpawnError(f"{argv[0]}: no such file or directory") from None
-    except PermissionError:
-        raise SpawnError(f"{argv[0]}: permission denied (not executable?)") from None
     except OSError as exc:
+        if capture_output:
+            os.close(out_read)
+            os.close(err_read)
+        if isinstance(exc, FileNotFoundError):
+            raise SpawnError(f"{argv[0]}: no such file or directory") from None
+        if isinstance(exc, PermissionError):
+            raise SpawnError(f"{argv[0]}: permission denied (not executable?)") from None
         raise SpawnError(f"{argv[0]}: {exc.strerror}") from None
     finally:
         if procs_fd is not None:
             os.close(procs_fd)
+        if capture_output:
+            os.close(out_write)
+            os.close(err_write)
     children.pids.add(popen.pid)
-    return ProcessTree(popen, spawn_id, cgroup)
+    return ProcessTree(popen, spawn_id, cgroup, (out_read, err_read) if capture_output else None)

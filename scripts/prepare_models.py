@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write the two small real models Citadel's demos and tests use, in HF format.
 
 Run it with the vLLM venv's interpreter (see ``scripts/setup-vllm``), which has
@@ -79,6 +78,38 @@ def embed_model_complete(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+def tmp_prefix(dest: Path) -> str:
+    """Return the name prefix of this process's temporary entries for ``dest``."""
+    return f".{dest.name}.tmp-{os.getpid()}-"
+
+
+def pid_alive(pid: int) -> bool:
+    """Tell whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(dest: Path) -> None:
+    """Delete temporary entries for ``dest`` left by runs that were killed.
+
+    Their names carry the writer's pid; entries of a live process are kept.
+    """
+    for entry in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid_text = entry.name[len(f".{dest.name}.tmp-") :].split("-", 1)[0]
+        if pid_text.isdigit() and pid_alive(int(pid_text)):
+            continue
+        log(f"removing stale {entry}")
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def publish(tmp: Path, dest: Path) -> None:
     """Move a finished ``tmp`` into place at ``dest``, replacing any stale entry."""
     if dest.is_symlink() or dest.is_file():
@@ -103,7 +134,7 @@ def convert_chat_model(dest: Path) -> float:
 
     start = time.monotonic()
     log(f"converting {gguf} -> {dest}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(dest), dir=dest.parent))
     try:
         # Loading in float32 is transformers' fast path for GGUF; cast after.
         model = AutoModelForCausalLM.from_pretrained(
@@ -148,7 +179,7 @@ def link_embed_model(dest: Path) -> None:
     if not embed_model_complete(src):
         raise SystemExit(f"prepare_models: {src} is not a complete HF model folder")
     log(f"linking {dest} -> {src}")
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    tmp = dest.parent / f"{tmp_prefix(dest)}link"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(src, target_is_directory=True)
@@ -160,6 +191,8 @@ def prepare(model_dir: Path, force: bool = False) -> dict[str, Path]:
     model_dir.mkdir(parents=True, exist_ok=True)
     chat = model_dir / CHAT_MODEL
     embed = model_dir / EMBED_MODEL
+    for dest in (chat, embed):
+        remove_stale_tmp(dest)
 
     if force or not chat_model_complete(chat):
         secs = convert_chat_model(chat)
@@ -178,9 +211,12 @@ def prepare(model_dir: Path, force: bool = False) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=default_model_dir(),
-                        help="where to write the models (default: $CITADEL_MODEL_DIR "
-                             "or <repo>/var/models)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=default_model_dir(),
+        help="where to write the models (default: $CITADEL_MODEL_DIR or <repo>/var/models)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

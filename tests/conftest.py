@@ -131,8 +131,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for daemon in made:
         if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+            # SIGTERM first: a SIGKILLed citadeld leaves its workers' descendants behind
+            # (by design, for the next citadeld to stop), which would load the machine.
+            daemon.proc.terminate()
+            try:
+                daemon.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait()
 
 
 def process_gone(pid: int) -> bool:

@@ -19,7 +19,7 @@ read_end, write_end = os.pipe()
 stubborn = os.fork()
 if stubborn == 0:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.write(write_end, f"{os.getpid()}\n".encode())
+    os.write(write_end, f"stubborn {os.getpid()}\n".encode())
     while True:
         time.sleep(1)
 
@@ -29,7 +29,7 @@ if middle == 0:
     if escaped == 0:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.write(write_end, f"{os.getpid()}\n".encode())
+        os.write(write_end, f"escaped {os.getpid()}\n".encode())
         while True:
             time.sleep(1)
     os._exit(0)  # orphan the escaped grandchild
@@ -39,7 +39,8 @@ pids = [os.getpid()]
 buf = b""
 while buf.count(b"\n") < 2:
     buf += os.read(read_end, 100)
-pids += [int(p) for p in buf.split()]
+found = dict(line.split() for line in buf.decode().splitlines())
+pids += [int(found["stubborn"]), int(found["escaped"])]
 with open(pidfile + ".tmp", "w") as fh:
     fh.write("\n".join(str(p) for p in pids) + "\n")
 os.rename(pidfile + ".tmp", pidfile)
