@@ -21,16 +21,17 @@ from loguru import logger
 
 from . import __version__
 from .cgroups import CgroupTree
-from .control.access import AccessPolicy
-from .control.server import ControlServer
 from .config import CitadelConfig, ConfigError, ConfigIssue, load_config
+from .control.access import AccessPolicy
+from .control.responses import json_response
+from .control.server import ControlServer
 from .events import EventBus, WorkerEvent
+from .exporter import Exporter
 from .gpu import GpuAllocation, GpuDetection, wait_released
 from .gpu_plan import plan_gpus
-from .exporter import Exporter
 from .health import BUILTIN_KINDS
 from .masking import masker
-from .plugins import PluginRegistry, load_plugins
+from .plugins import PluginRegistry
 from .process import become_subreaper, children
 from .statefile import StateFile
 from .supervisor import Supervisor
@@ -194,8 +195,6 @@ class Daemon:
 
     async def _gpus_route(self, request: Any) -> Any:
         """GET /v1/gpus: the inventory, and which worker holds which GPU."""
-        from .control.server import json_response
-
         inventory = self.gpus.inventory
         owners: dict[int, str] = {}
         if inventory is not None:
@@ -221,7 +220,6 @@ class Daemon:
     async def run(self) -> int:
         """Run until SIGTERM or SIGINT; the exit code."""
         cfg = self.config
-        loop = asyncio.get_running_loop()
         become_subreaper()
         # Claim the control socket first: a second citadeld must stop here, before it
         # touches the first one's workers (stop_leftovers below).

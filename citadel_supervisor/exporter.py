@@ -28,6 +28,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
+from .control.responses import json_response
 from .events import WorkerEvent
 from .federation import (
     FederationCollector,
@@ -217,12 +218,12 @@ class Exporter:
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: the IETF health report; 503 when it fails."""
         report = self.report()
-        return web.json_response(report, status=503 if report["status"] == "fail" else 200,
-                                 content_type=HEALTH_JSON)
+        return json_response(report, status=503 if report["status"] == "fail" else 200,
+                             content_type=HEALTH_JSON)
 
     async def health_route(self, request: web.Request) -> web.Response:
         """Health report: every check (pass, warn or fail), as application/health+json."""
-        return web.json_response(self.report())
+        return json_response(self.report())
 
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: everything, in the format the scraper asked for."""

@@ -417,7 +417,8 @@ def spawn(
             start_new_session=True,
             close_fds=True,
             pass_fds=(procs_fd,) if procs_fd is not None else (),
-            preexec_fn=_preexec(procs_fd, cpu_affinity, os.getpid()),
+            # Raw syscalls only (prctl, write, sched_setaffinity): safe beside threads.
+            preexec_fn=_preexec(procs_fd, cpu_affinity, os.getpid()),  # noqa: PLW1509
         )
     except OSError as exc:
         if capture_output:

@@ -107,9 +107,7 @@ def _leftover_pids(entry: dict[str, Any]) -> set[int]:
         if proc.info["create_time"] is None or proc.info["create_time"] < started:
             continue
         try:
-            if os.getpgid(proc.pid) == pid:
-                pids.add(proc.pid)
-            elif spawn_id and proc.environ().get(SPAWN_ID_ENV) == spawn_id:
+            if os.getpgid(proc.pid) == pid or spawn_id and proc.environ().get(SPAWN_ID_ENV) == spawn_id:
                 pids.add(proc.pid)
         except (OSError, psutil.Error):
             continue

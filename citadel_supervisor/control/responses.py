@@ -10,10 +10,9 @@ from aiohttp import web
 from ..masking import masker
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200, content_type: str = "application/json") -> web.Response:
     """A JSON answer, masked."""
-    return web.Response(text=masker.mask(json.dumps(data)), status=status,
-                        content_type="application/json")
+    return web.Response(text=masker.mask(json.dumps(data)), status=status, content_type=content_type)
 
 
 def error_response(status: int, message: str, **extra: Any) -> web.Response:

@@ -151,6 +151,7 @@ class InferenceProbe:
         base = f"http://{service.host}:{worker.port}"
         embeddings = any("pooling" in a or "embed" in a for a in service.args)
         model = service.model_names()[0]
+        self.body: dict[str, object]
         if embeddings:
             self.url, self.body = base + "/v1/embeddings", {"model": model, "input": "ping"}
         else:
