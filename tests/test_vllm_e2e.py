@@ -68,12 +68,17 @@ def test_vllm_worker_serves_recovers_and_leaves_nothing(daemon_factory, tmp_path
         env = {{ VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1" }}
         stable_after = 5
         startup_timeout = 300
+        inference_probe = true
         """, start=False, env={"CHAT_API_KEY": api_key})
     daemon.config.write_text(daemon.config.read_text().replace("[daemon]\n", '[daemon]\ncgroups = "off"\n', 1))
     daemon.start()
     first = daemon.wait_state("chat", "running", timeout=300)
     assert first["port"] == 18401 and first["models"] == ["smollm2"]
     assert "paris" in _chat(18401, api_key).lower()
+    # The inference liveness probe sends a real 1-token request, with the API key.
+    live = daemon.wait_for(lambda s: s["chat"]["probes"].get("liveness", {}).get("last") and s["chat"],
+                           timeout=120, what="the inference probe's first result")["probes"]["liveness"]
+    assert live["kind"] == "inference" and live["last"]["ok"], live
 
     leader = psutil.Process(first["pid"])
     engine = [p.pid for p in leader.children(recursive=True)]
