@@ -1,7 +1,7 @@
 """Write docs/config-reference.md from the config models themselves, so it cannot drift.
 
 The reference lists every key of ``[daemon]``, ``[exporter]``, ``[plugins]``
-and ``[services.NAME]`` (from ``config.py``), then the keys each service
+and ``[services.NAME]`` (from ``citadel_supervisor.config``), then the keys each service
 type adds (its ``config_model``) and each ``[plugin.NAME]`` section, for
 the first-party plugins: those of the ``citadel-supervisor`` distribution
 and of the packages under ``plugins/``. Descriptions are the models'

@@ -1,0 +1,76 @@
+"""Checks across services: ``after`` names and cycles, port clashes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .errors import ConfigIssue, did_you_mean, format_path
+from .models import CitadelConfig, ServiceConfig
+
+
+def check_services(config: CitadelConfig, sources: Callable[[tuple[object, ...]], Path | None]) -> list[ConfigIssue]:
+    """Checks across services: ``after`` names and cycles, port clashes."""
+    return _cross_check(config.services, set(config.services), sources)
+
+
+def _cross_check(
+    services: Mapping[str, ServiceConfig],
+    names: set[str],
+    sources: Callable[[tuple[object, ...]], Path | None],
+) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    for name, service in services.items():
+        for i, dep in enumerate(service.after):
+            loc: tuple[object, ...] = ("services", name, "after", i)
+            if dep == name:
+                issues.append(ConfigIssue(sources(loc), format_path(loc), "a service cannot come after itself"))
+            elif dep not in names:
+                issues.append(ConfigIssue(sources(loc), format_path(loc),
+                                          f"no service named {dep!r}{did_you_mean(dep, names)}"))
+    cycle = find_cycle({n: [d for d in s.after if d in services and d != n] for n, s in services.items()})
+    if cycle:
+        loc = ("services", cycle[0], "after")
+        issues.append(ConfigIssue(sources(loc), format_path(loc),
+                                  "startup order has a cycle: " + " -> ".join(cycle)))
+    ports: dict[int, str] = {}
+    for name, service in services.items():
+        for replica in range(service.replicas):
+            port = service.port_for(replica)
+            if port is None or port == 0:
+                continue
+            owner = name if service.replicas == 1 else f"{name}.{replica}"
+            if port in ports:
+                loc = ("services", name, "port")
+                issues.append(ConfigIssue(sources(loc), format_path(loc),
+                                          f"port {port} of {owner} is also used by {ports[port]}"))
+            else:
+                ports[port] = owner
+    return issues
+
+
+def find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
+    """A cycle in ``graph`` as a list of names (first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
