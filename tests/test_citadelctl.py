@@ -175,18 +175,24 @@ def test_usage_errors_exit_2(daemon: RunningDaemon) -> None:
 # -- reading -------------------------------------------------------------------------------
 
 
+def _interruptible() -> None:
+    # A background job (CI) starts with SIGINT ignored, and Python keeps it so:
+    # give the child the terminal's default, as a user pressing Ctrl-C has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_logs(daemon: RunningDaemon) -> None:
     out = daemon.ctl("logs", TALKER, "-n", "1000").stdout.splitlines()
     assert out[0] == f"hello from {TALKER}" and "tick" in out
     assert daemon.ctl("logs", TALKER, "-n", "2").stdout.splitlines() == ["tick", "tick"]
     proc = subprocess.Popen([CITADELCTL, "--socket", str(daemon.socket), "logs", TALKER, "-n", "0", "-f"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "tick\n"  # new lines as they come
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        assert proc.wait(10) == 0, "Ctrl-C should end the follow cleanly"
 
 
 def test_events_snapshot_then_follow(daemon: RunningDaemon) -> None:
@@ -194,7 +200,7 @@ def test_events_snapshot_then_follow(daemon: RunningDaemon) -> None:
     assert {e["name"] for e in snapshot} == {TALKER, f"{PAIR}.0", f"{PAIR}.1", SLOW}
     assert all(e["kind"] == "snapshot" for e in snapshot)
     proc = subprocess.Popen([CITADELCTL, "--socket", str(daemon.socket), "events", "-f"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         assert proc.stdout is not None
         for _ in snapshot:
@@ -205,7 +211,7 @@ def test_events_snapshot_then_follow(daemon: RunningDaemon) -> None:
             "state", f"{PAIR}.0", "running", "stopping")
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        assert proc.wait(10) == 0, "Ctrl-C should end the follow cleanly"
 
 
 def test_version_and_plugins(daemon: RunningDaemon) -> None:
