@@ -117,8 +117,11 @@ def folder_bytes(path: Path) -> int:
     """Bytes in the files directly under ``path``."""
     total = 0
     for entry in os.scandir(path):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat().st_size
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat().st_size
+        except FileNotFoundError:  # rotated away between the listing and the stat
+            continue
     return total
 
 

@@ -20,18 +20,19 @@ SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL
 # Shortest value worth masking literally: masking "1" would shred every log.
 _MIN_SECRET_LEN = 4
 
+# Keys whose values are secret in "key=value" text, and what follows such a key.
+_KEYWORDS = ("password", "passwd", "pwd", "secret", "token", "api_key", "api-key", "apikey")
+_KEY_VALUE_REST = r"[\"']?\s*[=:]\s*[\"']?)(?!\$\{)[^\s'\",&;]+"
+
 # (pattern, replacement) pairs; each keeps the part that says what was masked.
 _PATTERNS: list[tuple[str, str]] = [
     (r"hf_[A-Za-z0-9]{6,}", "hf_" + MASK),
     (r"sk-[A-Za-z0-9_\-]{6,}", "sk-" + MASK),
     (r"(?i)(authorization\s*[:=]\s*(?:bearer|basic|token)\s+)[^\s'\",]+", r"\1" + MASK),
     (r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=\-]{6,}", r"\1" + MASK),
-    (
-        # A ${VAR} reference is where a secret comes from, not the secret: keep it readable.
-        (r"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?)"
-         r"(?!\$\{)[^\s'\",&;]+"),
-        r"\1" + MASK,
-    ),
+    # key=value and key: value; a ${VAR} reference is where a secret comes from,
+    # not the secret: it stays readable.
+    (r"(?i)((?:" + "|".join(_KEYWORDS) + r")" + _KEY_VALUE_REST, r"\1" + MASK),
     (r"(://[^/\s:@]+:)[^/\s@]+@", r"\1" + MASK + "@"),
     # A command-line flag such as vLLM's "--api-key VALUE" or "--hf-token VALUE".
     (
@@ -47,7 +48,7 @@ _HINTS: list[tuple[str, ...]] = [
     ("sk-",),
     ("authorization",),
     ("bearer",),
-    ("password", "passwd", "pwd", "secret", "token", "api_key", "api-key", "apikey"),
+    _KEYWORDS,
     ("@",),
     ("--",),
 ]
@@ -75,8 +76,16 @@ class SecretMasker:
         self._patterns_b = [(re.compile(p.encode()), r.encode()) for p, r in _PATTERNS]
         # The case-insensitive patterns, made case-sensitive to run on a lower-cased
         # copy: about ten times faster on bytes, where lower() keeps every offset.
-        self._folded_b = [re.compile(p.removeprefix("(?i)").encode()) if p.startswith("(?i)") else None
-                          for p, _ in _PATTERNS]
+        # The key=value pattern is split into one pattern per key, each starting with
+        # a literal, which the regex engine finds with a fast string search.
+        self._folded_b: list[list[re.Pattern[bytes]] | None] = [
+            [re.compile(p.removeprefix("(?i)").encode())] if p.startswith("(?i)") else None
+            for p, _ in _PATTERNS
+        ]
+        key_value = next(i for i, (p, _) in enumerate(_PATTERNS) if _KEY_VALUE_REST in p)
+        self._folded_b[key_value] = [
+            re.compile(("(" + re.escape(k) + _KEY_VALUE_REST).encode()) for k in _KEYWORDS
+        ]
 
     def add_secret(self, value: str | None) -> None:
         """Mask this exact value from now on (short values are ignored)."""
@@ -140,12 +149,21 @@ class SecretMasker:
                 data = pattern.sub(repl, data)
                 lower = data.lower()
                 continue
-            # Every folded pattern keeps group 1 and masks the rest of its match.
-            spans = [(m.end(1), m.end()) for m in folded.finditer(lower)]
+            spans = _spans(folded, lower)
             if spans:
                 data = _replace_spans(data, spans)
                 lower = data.lower()
         return data
+
+
+def _spans(patterns: list[re.Pattern[bytes]], lower: bytes) -> list[tuple[int, int]]:
+    """The (value start, end) of every match, each keeping its group 1, without overlaps."""
+    found = sorted((m.end(1), m.end()) for p in patterns for m in p.finditer(lower))
+    spans: list[tuple[int, int]] = []
+    for start, end in found:
+        if not spans or start >= spans[-1][1]:
+            spans.append((start, end))
+    return spans
 
 
 def _replace_spans(data: bytes, spans: list[tuple[int, int]]) -> bytes:

@@ -3,7 +3,8 @@
 Each worker's stdout and stderr are read by the event loop as they become
 readable, in chunks, never line by line, so a worker writing as fast as it
 can costs the loop a few short callbacks per 64 KiB. Every complete line is
-masked, appended to ``log_dir/NAME.log`` (rotated by size), kept in a ring
+masked, appended to ``log_dir/NAME.log`` (rotated by size, by one writer
+thread, so a rename or a slow disk never stalls the loop), kept in a ring
 of recent lines, and forwarded to the daemon's log at a bounded rate; the
 lines over the rate are counted and reported as "N lines suppressed".
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loguru import logger
@@ -23,6 +26,11 @@ from .logs import escape_control
 from .masking import masker
 
 _READ_SIZE = 65536
+# One thread writes every worker's log file, chunk by chunk in order: a rotation's
+# renames or a slow disk cost the writer thread, never the event loop.
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-logs")
+# Bytes waiting for that thread, per worker, beyond which chunks are dropped (counted).
+_MAX_PENDING = 4 * 1024 * 1024
 # A "line" longer than this is cut, so one endless line cannot grow memory.
 _MAX_LINE = 65536
 
@@ -147,6 +155,8 @@ class WorkerOutput:
         self._followers: set[asyncio.Queue[str | None]] = set()
         self._log = logger.bind(worker=worker, service=service)
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         #: Called with each new line while set (the worker watches its startup phase).
         self.line_watcher: Callable[[str], None] | None = None
 
@@ -217,7 +227,7 @@ class WorkerOutput:
         count = len(lines)
         self.total_lines += count
         if self.file is not None:
-            self.file.write(chunk, count)
+            self._write_file(chunk, count)
         self.ring.extend(lines)
         if self.line_watcher is not None:
             for line in lines:
@@ -266,11 +276,28 @@ class WorkerOutput:
         """Stop feeding ``queue``."""
         self._followers.discard(queue)
 
+    def _write_file(self, chunk: bytes, count: int) -> None:
+        """Hand a chunk to the writer thread; past ``_MAX_PENDING`` bytes, count it dropped."""
+        assert self.file is not None
+        with self._pending_lock:
+            if self._pending > _MAX_PENDING:
+                self.file.dropped_lines += count
+                return
+            self._pending += len(chunk)
+        _WRITER.submit(self._write_now, self.file, chunk, count)
+
+    def _write_now(self, file: RotatingFile, chunk: bytes, count: int) -> None:
+        try:
+            file.write(chunk, count)
+        finally:
+            with self._pending_lock:
+                self._pending -= len(chunk)
+
     def close(self) -> None:
-        """Stop reading, report what was suppressed and close the file."""
+        """Stop reading, report what was suppressed, write what is pending and close the file."""
         self.detach()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self.flush_suppressed()
         if self.file is not None:
-            self.file.close()
+            _WRITER.submit(self.file.close).result()

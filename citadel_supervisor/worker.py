@@ -438,6 +438,7 @@ class Worker:
             "ready": self.ready,
             "gpus": list(self.info.gpu_indices),
             "gpu_uuids": list(self.info.gpu_uuids),
+            "host": getattr(self.info.config, "host", None),
             "port": self.info.port,
             "models": self.service_type.models(self.info),
             "since": self.since,

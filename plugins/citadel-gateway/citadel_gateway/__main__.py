@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .app import Gateway, make_app
 from .config import GatewaySettings
-from .keys import KEYS_ENV, KeyRing
+from .keys import KEYS_ENV, UPSTREAM_KEYS_ENV, KeyRing
 
 DEFAULT_SOCKET = "/run/citadel/control.sock"
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = GatewaySettings.model_validate(json.loads(args.config_json))
         keys = KeyRing.from_env(os.environ.get(KEYS_ENV))
+        upstream_keys = json.loads(os.environ.get(UPSTREAM_KEYS_ENV) or "{}")
     except (ValueError, ValidationError, KeyError, TypeError) as exc:
         print(f"citadel_gateway: bad settings: {exc}", file=sys.stderr)
         return 2
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     host, port = args.listen
-    gateway = Gateway(settings, keys, args.control_socket)
+    gateway = Gateway(settings, keys, args.control_socket, upstream_keys)
     logger.info("gateway on {}:{} with {} key(s), following citadeld on {}",
                 host, port, len(keys), args.control_socket)
     # handler_cancellation: a client that disconnects cancels its handler, and

@@ -48,7 +48,8 @@ class _Labels:
 class Gateway:
     """Everything one gateway process runs: discovery, balancing, limits, forwarding."""
 
-    def __init__(self, settings: GatewaySettings, keys: KeyRing, control_socket: Path):
+    def __init__(self, settings: GatewaySettings, keys: KeyRing, control_socket: Path,
+                 upstream_keys: dict[str, str] | None = None):
         self.settings = settings
         self.keys = keys
         self.require_key = settings.require_key if settings.require_key is not None else len(keys) > 0
@@ -57,7 +58,8 @@ class Gateway:
                                  settings.queue_timeout)
         self.limiter = RateLimiter()
         self.metrics = GatewayMetrics(self.table, self.balancer.queue_depths)
-        self.forwarder = Forwarder(settings, self.balancer, self.limiter, self.metrics)
+        self.forwarder = Forwarder(settings, self.balancer, self.limiter, self.metrics,
+                                   upstream_keys or {})
         self.feed = ControlFeed(control_socket, self.table)
 
     async def start(self, app: web.Application) -> None:

@@ -77,13 +77,15 @@ class Forwarder:
     """Sends checked requests to workers, through the one ``UpstreamClient``."""
 
     def __init__(self, settings: GatewaySettings, balancer: Balancer, limiter: RateLimiter,
-                 metrics: GatewayMetrics):
+                 metrics: GatewayMetrics, upstream_keys: dict[str, str]):
         self.settings = settings
         self.balancer = balancer
         self.limiter = limiter
         self.metrics = metrics
         self.retry_statuses = frozenset(settings.retry.statuses)
         self.client = UpstreamClient(settings.connect_timeout, settings.upstream_timeout)
+        #: service -> the ``Authorization`` header its workers want (vLLM's ``api_key``).
+        self.upstream_auth = {s: f"Bearer {k}" for s, k in upstream_keys.items()}
 
     async def forward(self, request: web.Request, req: ProxiedRequest) -> web.StreamResponse:
         """Answer ``request`` from a worker serving ``req.model``; raises ``GatewayError``."""
@@ -147,7 +149,8 @@ class Forwarder:
         sent = time.perf_counter()
         resp: UpstreamResponse | None = None
         try:
-            resp = await self.client.post(upstream.host, upstream.port or 0, req.path, req.body)
+            resp = await self.client.post(upstream.host, upstream.port or 0, req.path, req.body,
+                                          authorization=self.upstream_auth.get(upstream.service))
             if resp.status in self.retry_statuses:
                 raise _AttemptFailed(f"HTTP {resp.status}", resp.status, await resp.read(),
                                      resp.content_type)

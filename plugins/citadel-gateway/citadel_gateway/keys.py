@@ -16,6 +16,8 @@ from typing import Any
 
 #: The environment variable that carries the key table to the gateway process.
 KEYS_ENV = "CITADEL_GATEWAY_KEYS"
+#: JSON ``{service: API key}`` of the workers that want one (vLLM's ``api_key``), from the env.
+UPSTREAM_KEYS_ENV = "CITADEL_GATEWAY_UPSTREAM_KEYS"
 
 
 def digest(key: str) -> str:

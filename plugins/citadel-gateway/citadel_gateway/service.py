@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from citadel_supervisor import hookimpl
 from citadel_supervisor.config import (
     CitadelConfig,
@@ -26,7 +28,7 @@ from citadel_supervisor.config import (
 from citadel_supervisor.services.base import ServiceType, SpawnSpec, WorkerInfo
 
 from .config import GatewayConfig, GatewaySettings
-from .keys import KEYS_ENV, ApiKey, digest
+from .keys import KEYS_ENV, UPSTREAM_KEYS_ENV, ApiKey, digest
 
 DEFAULT_SOCKET = Path("/run/citadel/control.sock")
 
@@ -54,6 +56,8 @@ class GatewayService(ServiceType):
     def __init__(self) -> None:
         #: The daemon's control socket, learned from the config (``citadel_check_config``).
         self.daemon_socket: Path | None = None
+        #: Each service's own API key (vLLM's ``api_key``), learned the same way.
+        self.upstream_keys: dict[str, str] = {}
 
     def spawn_spec(self, worker: WorkerInfo) -> SpawnSpec:
         """The gateway's argv (no secrets) and env (the key digests)."""
@@ -70,6 +74,8 @@ class GatewayService(ServiceType):
         ]
         env = dict(config.env)
         env[KEYS_ENV] = json.dumps([k.to_json() for k in api_keys(config)])
+        # The workers' own keys go by env, never argv; the daemon masks them as secrets.
+        env[UPSTREAM_KEYS_ENV] = json.dumps(self.upstream_keys)
         return SpawnSpec(argv=argv, env=env, cwd=config.cwd)
 
     def default_probes(self, worker: WorkerInfo) -> ProbesConfig:
@@ -101,6 +107,10 @@ def citadel_check_config(config: CitadelConfig) -> list[ConfigIssue]:
     ``control_socket`` follows the daemon that runs it.
     """
     GATEWAY.daemon_socket = config.daemon.control_socket
+    GATEWAY.upstream_keys = {
+        name: key.get_secret_value() for name, service in config.services.items()
+        if isinstance(key := getattr(service, "api_key", None), SecretStr)
+    }
     issues = []
     for name, service in config.services.items():
         if not isinstance(service, GatewayConfig):

@@ -163,15 +163,17 @@ class UpstreamClient:
         return _Connection(reader, writer)
 
     async def post(self, host: str, port: int, path: str, body: bytes,
-                   content_type: str = "application/json") -> UpstreamResponse:
+                   content_type: str = "application/json",
+                   authorization: str | None = None) -> UpstreamResponse:
         """POST ``body``; the answer with its status and headers read.
 
         Raises ``UpstreamError`` or ``TimeoutError``; on any failure (or
         cancellation) the connection is closed.
         """
         key = (host, port)
+        auth = f"Authorization: {authorization}\r\n" if authorization else ""
         head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nAccept: */*\r\n\r\n").encode()
+                f"Content-Length: {len(body)}\r\nAccept: */*\r\n{auth}\r\n").encode()
         for _ in range(2):
             conn = await self._connection(key)
             try:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from gateway_harness import Http, free_ports, read_sse, sha256_hash, wait_gateway_models
 
@@ -40,6 +41,9 @@ pytestmark = [
 ]
 
 
+WORKER_KEY = "sk-workerKeyOnlyTheGatewayKnows0001"
+
+
 def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> None:
     assert CHAT_MODEL.exists(), f"{CHAT_MODEL} is missing: run ./scripts/setup-models"
     gw_port, vllm_port = free_ports(2)
@@ -51,6 +55,8 @@ def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> Non
         python = "{VLLM_PYTHON}"
         port = {vllm_port}
         max_model_len = 1024
+        # The worker wants its own key: the gateway must send it (clients never see it).
+        api_key = "${{CHAT_WORKER_KEY}}"
         args = ["--enforce-eager"]
         env = {{ VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1", VLLM_NO_USAGE_STATS = "1" }}
         startup_timeout = 400
@@ -61,7 +67,7 @@ def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> Non
         [[services.gw.keys]]
         name = "e2e"
         hash = "{sha256_hash(KEY)}"
-        """, start=False)
+        """, start=False, env={"CHAT_WORKER_KEY": WORKER_KEY})
     daemon.config.write_text(daemon.config.read_text().replace("[daemon]\n", '[daemon]\ncgroups = "off"\n', 1))
     daemon.start()
     daemon.wait_state("chat", "running", timeout=420)
@@ -93,3 +99,7 @@ def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> Non
                   and 'kind="completion"' in line]
     assert completion and float(completion[0].rsplit(" ", 1)[1]) > 0, \
         "the stream's usage (and the answer's) counted for the key"
+    # The worker's own key reached vLLM from the gateway, and was never written anywhere.
+    assert WORKER_KEY not in daemon.logs()
+    gateway = daemon.status()["gw"]
+    assert WORKER_KEY not in " ".join(psutil.Process(gateway["pid"]).cmdline())
