@@ -54,7 +54,7 @@ def _vllm_processes() -> list[psutil.Process]:
 def test_vllm_worker_serves_recovers_and_leaves_nothing(daemon_factory, tmp_path):
     assert VLLM_PYTHON.exists(), f"{VLLM_PYTHON} is missing: run ./scripts/setup-models"
     assert CHAT_MODEL.exists(), f"{CHAT_MODEL} is missing: run ./scripts/setup-models"
-    api_key = "sk-e2eTestKeyThatMustNeverBeLogged123"
+    api_key = "sk-e2e-test-key-never-logged-123"
     daemon = daemon_factory(f"""
         [services.chat]
         type = "vllm"

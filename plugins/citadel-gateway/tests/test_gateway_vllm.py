@@ -41,7 +41,7 @@ pytestmark = [
 ]
 
 
-WORKER_KEY = "sk-workerKeyOnlyTheGatewayKnows0001"
+WORKER_KEY = "sk-test-worker-key-only-gateway-knows"
 
 
 def test_chat_and_stream_through_the_gateway_to_vllm(daemon_factory: Any) -> None:
