@@ -178,6 +178,7 @@ class LoopLagMonitor:
     async def run(self) -> None:
         """Sleep ``period`` over and over, recording how late each wake-up is."""
         loop = asyncio.get_running_loop()
+        self.last_tick = time.time()  # the loop runs: a heartbeat from the start
         while True:
             start = loop.time()
             await asyncio.sleep(self.period)
