@@ -269,6 +269,7 @@ class Daemon:
                 self.plugins.call_each("citadel_daemon_stopping", supervisor=self.supervisor)
                 starting.cancel()
                 await self.supervisor.shutdown()
+                state_file.close()  # its last write (no worker left) is on disk
                 watchdog.cancel()
                 for closer in reversed(self._closers):
                     await closer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -47,12 +48,18 @@ def main(config_path: Path, check: bool, log_level: str | None, log_format: str 
                    + (f"; plugins that failed to load: {', '.join(failed)}" if failed else "") + ")")
         sys.exit(0)
     setup_logging((log_level or config.daemon.log_level).upper(), log_format or config.daemon.log_format)
+    loop = asyncio.new_event_loop()
     try:
-        code = asyncio.run(Daemon(config_path, config, registry, gpus, allocation).run())
+        code = loop.run_until_complete(Daemon(config_path, config, registry, gpus, allocation).run())
     except (OSError, RuntimeError) as exc:
         click.echo(masker.mask(f"citadeld: {exc}"), err=True)
         sys.exit(1)
-    sys.exit(code)
+    # Every worker is stopped and every log and state file is flushed: exit now, so that
+    # no leftover task or library thread (an executor thread blocked in a system call)
+    # can hold the process, and systemd's stop, up.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ class _Refusal(asyncio.Protocol):
         transport.close()
 
 
+#: Seconds citadeld waits, on exit, for control connections to finish.
+CLOSE_TIMEOUT = 2.0
+
+
 class _CappedSite(web.SockSite):
     """A ``SockSite`` that refuses connections beyond ``max_connections``."""
 
@@ -202,7 +206,12 @@ class ControlServer:
     async def close(self) -> None:
         """Stop serving and remove the socket file."""
         if self._runner is not None:
-            await self._runner.cleanup()
+            # Open connections (followers of events or logs, stalled clients) each get
+            # a grace period to finish; citadeld's exit must not wait on them for long.
+            try:
+                await asyncio.wait_for(self._runner.cleanup(), CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.info("control socket: closed with clients still connected")
             self._runner = None
         elif self._sock is not None:
             self._sock.close()
