@@ -130,32 +130,29 @@ class PluginRegistry:
 
     def collect_named(self, hook_name: str, what: str) -> dict[str, Any]:
         """Merge ``{name: value}`` answers of a registration hook; duplicates are errors."""
-        merged: dict[str, Any] = {}
-        owner: dict[str, str] = {}
-        for plugin_name, answer in self.call_each(hook_name):
-            for key, value in dict(answer).items():
-                if key in merged:
-                    logger.error(
-                        "plugin {} provides {} {!r}, which plugin {} already provides; ignored",
-                        plugin_name, what, key, owner[key],
-                    )
-                    continue
-                merged[key] = value
-                owner[key] = plugin_name
-        return merged
+        return _merge_named(self.call_each(hook_name), what)
 
     def service_types(self) -> dict[str, Any]:
         """``{type name: ServiceType}`` from every plugin."""
         answers = self.call_each("citadel_service_types")
-        as_named = [(p, {t.name: t for t in types}) for p, types in answers]
-        merged: dict[str, Any] = {}
-        for plugin_name, types in as_named:
-            for name, stype in types.items():
-                if name in merged:
-                    logger.error("plugin {} provides service type {!r} twice; ignored", plugin_name, name)
-                    continue
-                merged[name] = stype
-        return merged
+        return _merge_named([(p, {t.name: t for t in types}) for p, types in answers], "service type")
+
+
+def _merge_named(answers: list[tuple[str, Any]], what: str) -> dict[str, Any]:
+    """Merge per-plugin ``{name: value}`` answers; a name a second plugin provides is logged and ignored."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for plugin_name, answer in answers:
+        for key, value in dict(answer).items():
+            if key in merged:
+                logger.error(
+                    "plugin {} provides {} {!r}, which plugin {} already provides; ignored",
+                    plugin_name, what, key, owner[key],
+                )
+                continue
+            merged[key] = value
+            owner[key] = plugin_name
+    return merged
 
 
 def load_plugins(disable: Iterable[str] = ()) -> PluginRegistry:
