@@ -141,11 +141,10 @@ class Exporter:
         """Stop listening and stop the monitors."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        if self._tasks:
+            # Bounded: on Python 3.11 asyncio.wait_for can swallow a cancellation
+            # that lands as its awaitable completes (fixed in 3.12).
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         if self._runner is not None:
             await self._runner.cleanup()
@@ -189,10 +188,12 @@ class Exporter:
                 await asyncio.to_thread(self.health_file.write, self.report())
             except OSError as exc:
                 logger.error("cannot write the health file {}: {}", self.health_file.path, exc)
+            # asyncio.wait, not wait_for: it never swallows this task's cancellation.
+            changed = asyncio.ensure_future(self._changed.wait())
             try:
-                await asyncio.wait_for(self._changed.wait(), max(0.0, next_host_check - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({changed}, timeout=max(0.0, next_host_check - time.monotonic()))
+            finally:
+                changed.cancel()
 
     # -- handlers -----------------------------------------------------------
 
