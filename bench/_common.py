@@ -438,32 +438,33 @@ async def _probe_loop(out_path: Path) -> None:
 def lag_probe_main(argv: list[str]) -> None:
     """``_common.py lag-probe OUT -- citadeld args``: citadeld with a loop-lag probe task."""
     out_path = Path(argv[0])
-    real_run = asyncio.run
-
-    def run_with_probe(main: Any, **kwargs: Any) -> Any:
-        async def wrapped() -> Any:
-            probe = asyncio.get_running_loop().create_task(_probe_loop(out_path))
-            try:
-                return await main
-            finally:
-                probe.cancel()
-
-        return real_run(wrapped(), **kwargs)
-
-    asyncio.run = run_with_probe  # type: ignore[assignment]
     from citadel_supervisor.cli.citadeld import main
+    from citadel_supervisor.daemon import Daemon
 
+    real_run = Daemon.run
+
+    async def run_with_probe(self: Daemon) -> Any:
+        probe = asyncio.get_running_loop().create_task(_probe_loop(out_path))
+        try:
+            return await real_run(self)
+        finally:
+            probe.cancel()
+
+    Daemon.run = run_with_probe  # type: ignore[method-assign]
     sys.argv = ["citadeld", *argv[2:]]
     main()
 
 
 def read_lag_probe(path: Path) -> list[tuple[float, float]]:
-    """``(wall time, lag seconds)`` rows the probe wrote."""
+    """``(wall time, lag seconds)`` rows the probe wrote; an error when it wrote none
+    (the probe did not run, and every lag figure would be empty)."""
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
             t, lag = line.split()
             rows.append((float(t), float(lag)))
+    if not rows:
+        raise RuntimeError(f"the loop-lag probe wrote nothing to {path}: it did not run inside citadeld")
     return rows
 
 
