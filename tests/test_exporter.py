@@ -22,7 +22,7 @@ from citadel_supervisor.federation import (
     FederatedFamilies,
     PageRelabeler,
     ScrapeTarget,
-    _page_by_line,
+    page_by_line,
     scrape_all,
 )
 
@@ -158,30 +158,87 @@ def test_samples_without_metadata_become_untyped_families() -> None:
 def test_the_fast_path_and_the_line_path_agree_on_a_vllm_page() -> None:
     text = VLLM_PAGE.read_text()
     labels = 'service="chat",worker="chat.0"'
-    fast = PageRelabeler("chat", "chat.0")._split_fast(text)
-    assert fast is not None, "a vLLM page should take the fast path"
-
-    def as_text(families: list[Any]) -> str:
-        return "".join((f"# HELP {f.name} {f.help}\n" if f.help is not None else "")
-                       + f"# TYPE {f.name} {f.type}\n" + "".join(f.chunks) for f in families)
-
-    assert canonical(as_text(fast)) == canonical(as_text(_page_by_line(text, labels)))
+    page = PageRelabeler("chat", "chat.0").split(text)
+    assert page.layout is not None, "a vLLM page should be relabelled whole"
+    fast = page.families()
+    assert canonical(_as_text(fast)) == canonical(_as_text(page_by_line(text, labels)))
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert len(samples(parse_text(as_text(fast)))) == len(lines)
+    assert len(samples(parse_text(_as_text(fast)))) == len(lines)
 
 
-def test_a_family_is_relabelled_again_only_when_its_samples_changed() -> None:
+def test_an_unchanged_page_is_not_relabelled_again_and_a_changed_one_is() -> None:
     relabeler = PageRelabeler("chat", "chat.0")
-    first = {f.name: f for f in relabeler.split(PAGE_A)}
+    first = relabeler.split(PAGE_A)
+    assert relabeler.split(PAGE_A) is first  # an idle server's page: reused whole
     changed = PAGE_A.replace("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2.0",
                              "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 7.0")
-    second = {f.name: f for f in relabeler.split(changed)}
+    second = {f.name: f for f in relabeler.split(changed).families()}
     assert second["vllm:num_requests_running"].chunks == [
         'vllm:num_requests_running{engine="0",model_name="m",service="chat",worker="chat.0"} 7.0\n']
-    same = "vllm:e2e_request_latency_seconds"
-    assert second[same].chunks[0] is first[same].chunks[0]  # reused, not relabelled again
-    assert {f.name: f.chunks for f in PageRelabeler("chat", "chat.0").split(changed)} == {
+    assert {f.name: f.chunks for f in PageRelabeler("chat", "chat.0").split(changed).families()} == {
         name: f.chunks for name, f in second.items()}
+
+
+def _as_text(families: list[Any]) -> str:
+    return "".join((f"# HELP {f.name} {f.help}\n" if f.help is not None else "")
+                   + f"# TYPE {f.name} {f.type}\n" + "".join(f.chunks) for f in families)
+
+
+#: Pages the whole-page relabelling must hand to the line path, or get right itself.
+TRICKY_PAGES = {
+    "help text holding a label set's end": PAGE_A.replace("Number of requests in model execution batches.",
+                                                          'Requests (like x{a="b"} 1).'),
+    "an escaped quote in a label value": '# TYPE q gauge\nq{a="x\\"} 1",b="c"} 2\n',
+    "an empty label set": "# TYPE e gauge\ne{} 1\ne{a=\"b\"} 2\n",
+    "a comment among the samples": "# TYPE c gauge\nc{a=\"b\"} 1\n# just a comment\nc{a=\"d\"} 2\n",
+    "a sample of another family in a block": "# TYPE a gauge\na{x=\"1\"} 1\nb{x=\"2\"} 2\n",
+    "samples before any metadata": "loose{x=\"1\"} 1\n# TYPE a gauge\na 2\n",
+    "a bare sample in a labelled family": "# TYPE h gauge\nh{a=\"b\"} 1\nh 2\n",
+    "CRLF line ends": PAGE_A.replace("\n", "\r\n"),
+    "blank lines": PAGE_A.replace("# HELP process_open_fds", "\n# HELP process_open_fds"),
+}
+
+
+def _merged(*pages: Any) -> list[tuple[Any, ...]]:
+    return canonical(FederatedFamilies(pages).render())
+
+
+@pytest.mark.parametrize("case", sorted(TRICKY_PAGES))
+def test_the_relabeller_agrees_with_the_line_path_on_tricky_pages(case: str) -> None:
+    page = TRICKY_PAGES[case]
+    labels = 'service="chat",worker="chat.0"'
+    expected = canonical(_as_text(page_by_line(page, labels)))
+    assert _merged(PageRelabeler("chat", "chat.0").split(page)) == expected
+    # and after a plain page, whose layout it keeps, as a long-running exporter does
+    warm = PageRelabeler("chat", "chat.0")
+    warm.split(PAGE_A)
+    assert _merged(warm.split(page)) == expected
+
+
+def test_samples_without_labels_that_move_to_another_block_are_still_labelled() -> None:
+    relabeler = PageRelabeler("chat", "chat.0")
+    relabeler.split(PAGE_A)
+    moved = PAGE_A.replace('vllm:num_requests_running{engine="0",model_name="m"} 2.0', "vllm:num_requests_running 2.0")
+    expected = canonical(_as_text(page_by_line(moved, 'service="chat",worker="chat.0"')))
+    assert _merged(relabeler.split(moved)) == expected
+    assert _merged(relabeler.split(moved + "\n")) == expected
+
+
+def test_a_foreign_sample_on_one_page_sends_its_whole_layout_group_line_by_line() -> None:
+    """Two pages with one layout are merged a family at a time; a sample of another family
+    on one of them is found there, and both pages are then taken line by line."""
+    foreign = PAGE_A.replace('vllm:num_requests_running{engine="0",model_name="m"} 2.0',
+                             'vllm:num_requests_running{engine="0",model_name="m"} 2.0\nstray_gauge{x="1"} 9.0')
+    pages = [PageRelabeler("chat", "chat.0").split(PAGE_A), PageRelabeler("chat", "chat.1").split(foreign)]
+    assert pages[0].layout is not None and pages[1].layout is not None
+    assert pages[0].layout.key == pages[1].layout.key
+    merged = {f.name: f for f in parse_text(FederatedFamilies(pages).render())}
+    assert [s.labels["worker"] for s in merged["stray_gauge"].samples] == ["chat.1"]
+    assert len(merged["vllm:num_requests_running"].samples) == 2
+    expected = FederatedFamilies()
+    expected.add_page("chat", "chat.0", PAGE_A)
+    expected.add_page("chat", "chat.1", foreign)
+    assert canonical(FederatedFamilies(pages).render()) == canonical(expected.render())
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +280,8 @@ async def _slow_and_dead() -> None:
     assert [r.up for r in results] == [True, False, False, False, True]
     assert "timed out" in (results[1].error or "")
     assert elapsed < 4, "the slow worker must cost at most the timeout"
-    assert results[0].families[0].name == "vllm:num_requests_running"
+    assert results[0].page is not None
+    assert results[0].page.families()[0].name == "vllm:num_requests_running"
 
 
 def test_listen_addresses() -> None:

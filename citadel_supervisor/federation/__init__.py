@@ -1,0 +1,32 @@
+"""Federation: every worker's own ``/metrics``, fetched concurrently, relabelled and merged.
+
+- ``fetch``: the concurrent fetch, bounded by a timeout per page, and the
+  per-worker scrape-up and duration families;
+- ``relabel``: one page with ``service`` and ``worker`` labels on every sample;
+- ``merge``: the pages' families merged by name, and rendered.
+"""
+
+from .fetch import (
+    FederationCollector,
+    ScrapeResult,
+    ScrapeTarget,
+    fetch_page,
+    merge_pages,
+    scrape_all,
+)
+from .merge import FederatedFamilies
+from .relabel import Family, PageRelabeler, RelabelledPage, page_by_line
+
+__all__ = [
+    "Family",
+    "FederatedFamilies",
+    "FederationCollector",
+    "PageRelabeler",
+    "RelabelledPage",
+    "ScrapeResult",
+    "ScrapeTarget",
+    "fetch_page",
+    "merge_pages",
+    "page_by_line",
+    "scrape_all",
+]

@@ -1,0 +1,119 @@
+"""Workers' relabelled pages merged into one set of families, and rendered.
+
+Families are merged by name, keeping the first page's type and help; a family
+whose type differs on a later page, or that uses the exporter's own prefix,
+is dropped and said so. Pages with the same layout (every vLLM of a version
+serves the same families) are merged a family at a time: each family's text
+is joined over all of them at once, and the lines that start with their
+family's name are counted there: when some do not, a sample sits under
+another family's metadata, and those pages are merged line by line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .relabel import Family, PageRelabeler, RelabelledPage
+
+
+class FederatedFamilies:
+    """Worker pages merged into families by name, in the order first seen."""
+
+    def __init__(self, pages: Iterable[RelabelledPage] = (), reserved_prefix: str = "citadel_"):
+        self.families: dict[str, Family] = {}
+        self.reserved_prefix = reserved_prefix
+        self.conflicts: list[str] = []
+        groups: dict[object, list[RelabelledPage]] = {}
+        for page in pages:
+            layout = page.layout
+            key = layout.key if layout is not None and layout.families is not None else id(page)
+            groups.setdefault(key, []).append(page)
+        for group in groups.values():
+            self.add_pages(group)
+
+    def add_page(self, service: str, worker: str, text: str) -> None:
+        """Add one worker's page (Prometheus text format) with its labels."""
+        self.add_pages([PageRelabeler(service, worker).split(text)])
+
+    def add_pages(self, pages: list[RelabelledPage]) -> None:
+        """Add pages that share one layout (or one page without any)."""
+        layout = pages[0].layout
+        if layout is None or layout.families is None:
+            for page in pages:
+                self._add_families(page.line_families, page.worker)
+            return
+        merged = []
+        owned = 0  # sample lines that start with their family's name
+        for name, kind, help_text, indices in layout.families:
+            parts = [text for page in pages for i in indices if (text := page.samples[i])]
+            if parts:
+                text = "\n".join(parts)
+                owned += text.startswith(name) + text.count("\n" + name)
+                merged.append(Family(name, kind, help_text, [text + "\n"]))
+        if owned != sum(page.lines for page in pages):
+            # A sample of another family sits among some family's: take each page line by line.
+            for page in pages:
+                self._add_families(page.by_line(), page.worker)
+            return
+        self._add_families(merged, pages[0].worker)
+
+    def _add_families(self, families: Iterable[Family], worker: str) -> None:
+        for family in families:
+            self._merge(family, worker)
+
+    def _merge(self, family: Family, worker: str) -> None:
+        if family.name.startswith(self.reserved_prefix):
+            self._conflict(f"{worker}: family {family.name} uses the exporter's own prefix; dropped")
+            return
+        known = self.families.get(family.name)
+        if known is None:
+            # A copy: a relabeller keeps the page it returned, to reuse while the page is unchanged.
+            self.families[family.name] = Family(family.name, family.type, family.help, list(family.chunks))
+        elif known.type != family.type:
+            self._conflict(f"{worker}: family {family.name} is a {family.type}, "
+                           f"another worker's is a {known.type}; dropped")
+        else:
+            known.chunks.extend(family.chunks)
+            if known.help is None:
+                known.help = family.help
+
+    def _conflict(self, message: str) -> None:
+        if message not in self.conflicts:
+            self.conflicts.append(message)
+
+    def render(self, openmetrics: bool = False) -> str:
+        """The merged families as exposition text (OpenMetrics framing without ``# EOF``)."""
+        out: list[str] = []
+        families = self.families
+        for family in families.values():
+            if not family.chunks:
+                continue
+            name, kind = family.name, family.type
+            if openmetrics:
+                name, kind, skip = _openmetrics_family(family, families)
+                if skip:
+                    continue
+            if family.help is not None:
+                out.append(f"# HELP {name} {family.help}\n")
+            out.append(f"# TYPE {name} {kind}\n")
+            out.extend(family.chunks)
+        return "".join(out)
+
+
+def _openmetrics_family(family: Family, families: dict[str, Family]) -> tuple[str, str, bool]:
+    """How a text-format family reads in OpenMetrics: (name, type, skip it)."""
+    name, kind = family.name, family.type
+    if kind == "untyped":
+        return name, "unknown", False
+    if kind == "counter":
+        if name.endswith("_total"):
+            return name[: -len("_total")], kind, False
+        return name, "unknown", False  # a counter without _total samples is not valid OpenMetrics
+    if kind == "gauge" and name.endswith("_created"):
+        # prometheus_client's text format gives each counter's and histogram's
+        # creation time as a gauge family; OpenMetrics reserves that name.
+        base = name[: -len("_created")]
+        owner = families.get(base + "_total") or families.get(base)
+        if owner is not None and owner.type in ("counter", "histogram", "summary"):
+            return name, kind, True
+    return name, kind, False
