@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from . import __version__
 from .events import EventBus, WorkerEvent
 from .process import ProcessTree
+from .procstat import open_fds, process_table, read_stat
 
 #: The states of the contract, in the order ``citadel_worker_state`` lists them.
 WORKER_STATES = ("stopped", "starting", "running", "backoff", "stopping", "fatal")
@@ -279,14 +280,20 @@ class SupervisorCollector:
 
 
 def tree_members(workers: Iterable[WorkerSnapshot]) -> dict[str, set[int]]:
-    """Every live pid of each running worker's tree (reads /proc: not on the loop)."""
+    """Every live pid of each running worker's tree (reads /proc: not on the loop).
+
+    Trees without a cgroup are found in one table of the host's processes, read once.
+    """
     members: dict[str, set[int]] = {}
+    table = None
     for w in workers:
         if w.proc is None:
             continue
+        if table is None and w.proc.cgroup is None:
+            table = process_table()
         try:
-            members[w.worker] = w.proc.members()
-        except (OSError, psutil.Error):
+            members[w.worker] = w.proc.members(table)
+        except OSError:
             members[w.worker] = set()
     return members
 
@@ -328,17 +335,14 @@ class ProcessCollector:
 def _tree_totals(pids: Iterable[int]) -> tuple[float, float, float, float, float]:
     cpu = rss = threads = fds = alive = 0.0
     for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                times = proc.cpu_times()
-                cpu += times.user + times.system
-                rss += proc.memory_info().rss
-                threads += proc.num_threads()
-                fds += proc.num_fds()
-            alive += 1
-        except psutil.Error:
+        stat = read_stat(pid)
+        if stat is None or stat.zombie:
             continue  # it ended between the listing and the read
+        cpu += stat.cpu_seconds
+        rss += stat.resident_bytes
+        threads += stat.threads
+        fds += open_fds(pid)
+        alive += 1
     return cpu, rss, threads, fds, alive
 
 

@@ -18,7 +18,8 @@ import psutil
 from loguru import logger
 
 from . import cgroups
-from .reaper import _process_table, children, own_children
+from .procstat import ProcStat, is_live, process_table
+from .reaper import children, own_children
 
 SPAWN_ID_ENV = "CITADEL_SPAWN_ID"
 
@@ -109,16 +110,21 @@ class ProcessTree:
         """True until the leader has been reaped."""
         return not self._exited.done()
 
-    def members(self) -> set[int]:
-        """Every live process of this worker's tree, leader included."""
+    def members(self, table: dict[int, ProcStat] | None = None) -> set[int]:
+        """Every live process of this worker's tree, leader included.
+
+        ``table``: the host's processes (``procstat.process_table()``), when the
+        caller lists several trees at once; read here when it is needed and not given.
+        """
         if self.cgroup is not None:
-            return {p for p in cgroups.procs(self.cgroup) if _alive(p)}
-        table = _process_table()
-        found = {pid for pid, (_, pgid, _) in table.items() if pgid == self.pid}
+            return {p for p in cgroups.procs(self.cgroup) if is_live(p)}
+        if table is None:
+            table = process_table()
+        found = {pid for pid, stat in table.items() if stat.pgid == self.pid}
         found.add(self.pid)
         by_parent: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in table.items():
-            by_parent.setdefault(ppid, []).append(pid)
+        for pid, stat in table.items():
+            by_parent.setdefault(stat.ppid, []).append(pid)
         stack = [self.pid]
         while stack:  # the leader's descendants, whichever group or session they moved to
             for child in by_parent.get(stack.pop(), []):
@@ -127,7 +133,7 @@ class ProcessTree:
                     stack.append(child)
         found.discard(os.getpid())
         found.update(self._tagged_orphans())
-        return {p for p in found if p in table and not table[p][2]}
+        return {p for p in found if p in table and not table[p].zombie}
 
     def _tagged_orphans(self) -> set[int]:
         tagged = set()
@@ -219,10 +225,3 @@ def _create_time(pid: int) -> float:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return 0.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

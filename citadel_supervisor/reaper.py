@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from .procstat import read_stat
+
 
 def own_children() -> list[int]:
     """The pids of this process's children, from ``/proc/self/task/*/children``.
@@ -29,31 +31,6 @@ def own_children() -> list[int]:
     return pids
 
 
-def _process_table() -> dict[int, tuple[int, int, bool]]:
-    """Every process on the host: pid -> (parent pid, process group, is a zombie); one /proc pass."""
-    table: dict[int, tuple[int, int, bool]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split(b" ", 4)
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0] == b"Z")
-    return table
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
-
-
 class ChildRegistry:
     """The pids citadeld forked itself: the orphan reaper must leave them alone."""
 
@@ -68,7 +45,7 @@ class ChildRegistry:
         """
         reaped = []
         for pid in own_children():
-            if pid in self.pids or not _is_zombie(pid):
+            if pid in self.pids or not ((stat := read_stat(pid)) is not None and stat.zombie):
                 continue
             try:
                 waited, status = os.waitpid(pid, os.WNOHANG)
