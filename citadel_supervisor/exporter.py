@@ -30,6 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from . import __version__
 from .control.responses import json_response
 from .events import WorkerEvent
+from .exposition import OPENMETRICS_EOF, Encoder, FamilyEncoder
 from .federation import (
     FederationCollector,
     PageRelabeler,
@@ -49,7 +50,6 @@ from .health_report import (
 )
 from .hostchecks import run_host_checks
 from .metrics import (
-    CollectedFamilies,
     GpuCollector,
     GpuReader,
     HostCollector,
@@ -62,8 +62,6 @@ from .metrics import (
     snapshot_workers,
     tree_members,
 )
-
-_OPENMETRICS_EOF = b"# EOF\n"
 
 
 def parse_listen(listen: str) -> tuple[str | None, int]:
@@ -92,6 +90,8 @@ class Exporter:
         self.health_file = HealthFile(daemon.config.daemon.state_dir / "health.json")
         self.plugin_collectors: list[Any] = []
         self.relabelers: dict[tuple[str, str], PageRelabeler] = {}
+        self._own_encoder = FamilyEncoder()
+        self._local_encoder = FamilyEncoder()
         self.address: tuple[str | None, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -260,25 +260,19 @@ class Exporter:
         )
         return collect_safely([collector])
 
-    def _encode_local(self, workers: list[WorkerSnapshot], encoder: Any) -> bytes:
+    def _encode_local(self, workers: list[WorkerSnapshot], encoder: Encoder) -> bytes:
         """Processes, host, GPUs and plugins' collectors, encoded (in a thread: /proc, NVML)."""
         members = tree_members(workers)
         collectors: list[Any] = [ProcessCollector(workers, members), self.host]
         if self.gpus is not None:
             collectors.append(GpuCollector(self.gpus.read(), workers, members))
-        return _without_eof(encoder(CollectedFamilies(collect_safely(collectors + self.plugin_collectors))))
+        return self._local_encoder.encode(collect_safely(collectors + self.plugin_collectors), encoder)
 
-    @staticmethod
-    def render(own: list[Metric], local: bytes, results: list[ScrapeResult], encoder: Any,
+    def render(self, own: list[Metric], local: bytes, results: list[ScrapeResult], encoder: Encoder,
                openmetrics: bool, compress: bool = False) -> bytes:
         """The page: the supervisor's families, the local ones (already encoded), the
         federation's status, then the workers' merged families (blocks: CPU)."""
-        head = _without_eof(encoder(CollectedFamilies(own + collect_safely([FederationCollector(results)]))))
+        head = self._own_encoder.encode(own + collect_safely([FederationCollector(results)]), encoder)
         body = b"".join((head, local, merge_pages(results).render(openmetrics).encode(),
-                         _OPENMETRICS_EOF if openmetrics else b""))
+                         OPENMETRICS_EOF if openmetrics else b""))
         return gzip.compress(body, compresslevel=1) if compress else body
-
-
-def _without_eof(encoded: bytes) -> bytes:
-    """An encoder's output without OpenMetrics' closing ``# EOF`` (the page has one, at its end)."""
-    return encoded.removesuffix(_OPENMETRICS_EOF)

@@ -480,14 +480,3 @@ def collect_safely(collectors: Iterable[Any]) -> list[Metric]:
         except Exception as exc:  # noqa: BLE001 - one bad collector (often a plugin's) must not cost the rest
             logger.opt(exception=exc).error("metric collector {} failed: {}", type(collector).__name__, exc)
     return families
-
-
-class CollectedFamilies:
-    """A registry-like holder of families already collected, for prometheus_client's encoders."""
-
-    def __init__(self, families: list[Metric]):
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        """The families, as ``CollectorRegistry.collect`` would give them."""
-        return self.families

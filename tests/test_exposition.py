@@ -1,0 +1,53 @@
+"""FamilyEncoder: the same bytes as prometheus_client's encoders, reusing unchanged families."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from citadel_supervisor.exposition import CollectedFamilies, FamilyEncoder, without_eof
+
+
+def families(restarts: float, uptime: float) -> list[Metric]:
+    state = GaugeMetricFamily("citadel_worker_state", "State.", labels=["worker", "state"])
+    for name in ("running", "backoff"):
+        state.add_metric(["chat.0", name], 1.0 if name == "running" else 0.0)
+    counter = CounterMetricFamily("citadel_worker_restarts", "Restarts.", labels=["worker"])
+    counter.add_metric(["chat.0"], restarts)
+    gauge = GaugeMetricFamily("citadel_worker_uptime_seconds", "Uptime.", labels=["worker"])
+    gauge.add_metric(["chat.0"], uptime)
+    histogram = HistogramMetricFamily("citadel_worker_startup_seconds", "Startup.", labels=["service"])
+    histogram.add_metric(["chat"], [("1.0", 1.0), ("+Inf", 2.0)], sum_value=3.5)
+    return [state, counter, gauge, histogram]
+
+
+@pytest.mark.parametrize("encoder", [generate_latest, generate_openmetrics])
+def test_the_bytes_are_prometheus_clients_and_unchanged_families_are_reused(encoder: object) -> None:
+    encode = FamilyEncoder()
+    for restarts, uptime in ((0.0, 1.0), (0.0, 2.0), (1.0, 2.0), (1.0, 2.0)):
+        page = families(restarts, uptime)
+        assert encode.encode(page, encoder) == without_eof(encoder(CollectedFamilies(page)))  # type: ignore[operator]
+
+    first = encode.encode(families(5.0, 1.0), encoder)  # type: ignore[arg-type]
+    cached = {name: data for (_, name), (_, data) in encode._cache.items()}
+    encode.encode(families(5.0, 9.0), encoder)  # type: ignore[arg-type]
+    again = {name: data for (_, name), (_, data) in encode._cache.items()}
+    assert again["citadel_worker_state"] is cached["citadel_worker_state"]
+    assert again["citadel_worker_restarts"] is cached["citadel_worker_restarts"]
+    assert again["citadel_worker_uptime_seconds"] is not cached["citadel_worker_uptime_seconds"]
+    assert b"9.0" in again["citadel_worker_uptime_seconds"]
+    assert b"# EOF" not in first
+
+
+def test_a_family_that_is_gone_is_not_kept() -> None:
+    encode = FamilyEncoder()
+    encode.encode(families(0.0, 1.0), generate_latest)
+    encode.encode(families(0.0, 1.0)[:1], generate_latest)
+    assert [name for _, name in encode._cache] == ["citadel_worker_state"]
