@@ -39,26 +39,26 @@ class FamilyEncoder:
     """Encodes families, reusing the bytes of each family whose samples did not change.
 
     One instance per set of families encoded together (a scrape's supervisor
-    families, say); the cache holds only what the last call saw.
+    families, say); for each encoder, it holds only what the last call saw.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[Encoder, str], tuple[Metric, bytes]] = {}
+        self._caches: dict[Encoder, dict[str, tuple[Metric, bytes]]] = {}
 
     def encode(self, families: Iterable[Metric], encoder: Encoder) -> bytes:
         """The families, encoded (without OpenMetrics' ``# EOF``)."""
-        cache: dict[tuple[Encoder, str], tuple[Metric, bytes]] = {}
+        last = self._caches.get(encoder, {})
+        cache: dict[str, tuple[Metric, bytes]] = {}
         out = []
         for family in families:
-            key = (encoder, family.name)
-            hit = self._cache.get(key) or cache.get(key)
+            hit = last.get(family.name) or cache.get(family.name)
             if hit is not None and _same(hit[0], family):
                 data = hit[1]
             else:
                 data = without_eof(encoder(CollectedFamilies([family])))
-            cache[key] = (family, data)
+            cache[family.name] = (family, data)
             out.append(data)
-        self._cache = cache
+        self._caches[encoder] = cache
         return b"".join(out)
 
 

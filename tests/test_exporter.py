@@ -251,7 +251,10 @@ def test_a_slow_or_dead_worker_is_down_while_the_others_are_up() -> None:
 
 
 async def _slow_and_dead() -> None:
+    asked: list[tuple[str | None, str | None]] = []
+
     async def page(request: web.Request) -> web.Response:
+        asked.append((request.headers.get("Accept"), request.headers.get("Accept-Encoding")))
         if request.path == "/slow":
             await asyncio.sleep(3)
         return web.Response(text=PAGE_A)
@@ -278,6 +281,9 @@ async def _slow_and_dead() -> None:
     finally:
         await runner.cleanup()
     assert [r.up for r in results] == [True, False, False, False, True]
+    # the text format, uncompressed: over loopback, gzip would only cost both sides CPU
+    assert asked and all(encoding == "identity" and accept and accept.startswith("text/plain")
+                         for accept, encoding in asked)
     assert "timed out" in (results[1].error or "")
     assert elapsed < 4, "the slow worker must cost at most the timeout"
     assert results[0].page is not None

@@ -36,9 +36,12 @@ def test_the_bytes_are_prometheus_clients_and_unchanged_families_are_reused(enco
         assert encode.encode(page, encoder) == without_eof(encoder(CollectedFamilies(page)))  # type: ignore[operator]
 
     first = encode.encode(families(5.0, 1.0), encoder)  # type: ignore[arg-type]
-    cached = {name: data for (_, name), (_, data) in encode._cache.items()}
+    cached = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
+    # the other format in between, as when two scrapers ask for different ones
+    other = generate_openmetrics if encoder is generate_latest else generate_latest
+    encode.encode(families(5.0, 1.0), other)
     encode.encode(families(5.0, 9.0), encoder)  # type: ignore[arg-type]
-    again = {name: data for (_, name), (_, data) in encode._cache.items()}
+    again = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
     assert again["citadel_worker_state"] is cached["citadel_worker_state"]
     assert again["citadel_worker_restarts"] is cached["citadel_worker_restarts"]
     assert again["citadel_worker_uptime_seconds"] is not cached["citadel_worker_uptime_seconds"]
@@ -50,4 +53,4 @@ def test_a_family_that_is_gone_is_not_kept() -> None:
     encode = FamilyEncoder()
     encode.encode(families(0.0, 1.0), generate_latest)
     encode.encode(families(0.0, 1.0)[:1], generate_latest)
-    assert [name for _, name in encode._cache] == ["citadel_worker_state"]
+    assert list(encode._caches[generate_latest]) == ["citadel_worker_state"]
