@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 import time
@@ -17,7 +18,7 @@ from aiohttp import web
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from citadel_supervisor.exporter import parse_listen
+from citadel_supervisor.exporter import _is_loopback, parse_listen
 from citadel_supervisor.federation import (
     FederatedFamilies,
     PageRelabeler,
@@ -408,12 +409,40 @@ failure_threshold = 1
     assert "citadel_federation_up" in families and "gate" not in {
         s.labels["worker"] for s in families["citadel_federation_up"].samples}
 
-    status, headers, text = fetch(base + "/metrics", {"Accept": OPENMETRICS})
+    # compression "auto": a scraper on loopback gets no gzip even when it asks for it
+    status, headers, text = fetch(base + "/metrics", {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"})
     assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert "Content-Encoding" not in headers
     assert text.endswith("# EOF\n")
     om = {f.name: f for f in parse_openmetrics(text)}
     assert om["citadel_worker_restarts"].type == "counter"
     assert any(name.startswith("vllm:") for name in om)
+
+
+def test_compression_always_gzips_what_the_scraper_asks_to_be_gzipped(daemon_factory: Any, tmp_path: Path,
+                                                                      exporter_port: int) -> None:
+    config = f'[exporter]\nlisten = "127.0.0.1:{exporter_port}"\ncompression = "always"\n'
+    config += page_service("chat", tmp_path, free_port())
+    d = daemon_factory(config)
+    d.wait_state("chat", "running")
+    url = f"http://127.0.0.1:{exporter_port}/metrics"
+    request = urllib.request.Request(url, headers={"Accept": OPENMETRICS, "Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        text = gzip.decompress(resp.read()).decode()
+    om = {f.name: f for f in parse_openmetrics(text)}
+    assert any(name.startswith("vllm:") for name in om) and "citadel_worker_up" in om
+    status, headers, _ = fetch(url)  # not asked: not compressed
+    assert status == 200 and "Content-Encoding" not in headers
+
+
+@pytest.mark.parametrize(("remote", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.1.2.3", False), ("192.168.0.9", False), ("2001:db8::1", False), ("::ffff:10.0.0.1", False),
+    (None, False), ("not an address", False),
+])
+def test_which_scrapers_are_on_loopback(remote: str | None, loopback: bool) -> None:
+    assert _is_loopback(remote) is loopback
 
 
 def test_config_reloads_are_counted_by_result(daemon_factory: Any, tmp_path: Path, exporter_port: int) -> None:

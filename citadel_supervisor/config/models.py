@@ -214,6 +214,11 @@ class ExporterConfig(Model):
         default_factory=HostChecksConfig, description="thresholds of the host's health checks"
     )
     health_period: Duration = Field(5.0, gt=0, description="seconds between host checks")
+    compression: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="gzip /metrics when the scraper asks: auto (unless it scrapes over loopback, "
+                    "where compressing costs CPU and saves nothing), always, or never",
+    )
 
 
 class PluginsConfig(Model):
