@@ -9,7 +9,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from citadel_supervisor.exposition import CollectedFamilies, FamilyEncoder, without_eof
@@ -28,7 +28,11 @@ def families(restarts: float, uptime: float) -> list[Metric]:
     return [state, counter, gauge, histogram]
 
 
-@pytest.mark.parametrize("encoder", [generate_latest, generate_openmetrics])
+@pytest.mark.parametrize("encoder", [
+    generate_latest, generate_openmetrics,
+    # what choose_encoder gives for Prometheus' Accept header
+    choose_encoder("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")[0],
+])
 def test_the_bytes_are_prometheus_clients_and_unchanged_families_are_reused(encoder: object) -> None:
     encode = FamilyEncoder()
     for restarts, uptime in ((0.0, 1.0), (0.0, 2.0), (1.0, 2.0), (1.0, 2.0)):
@@ -38,7 +42,7 @@ def test_the_bytes_are_prometheus_clients_and_unchanged_families_are_reused(enco
     first = encode.encode(families(5.0, 1.0), encoder)  # type: ignore[arg-type]
     cached = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
     # the other format in between, as when two scrapers ask for different ones
-    other = generate_openmetrics if encoder is generate_latest else generate_latest
+    other = generate_latest if encoder is generate_openmetrics else generate_openmetrics
     encode.encode(families(5.0, 1.0), other)
     encode.encode(families(5.0, 9.0), encoder)  # type: ignore[arg-type]
     again = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
@@ -54,3 +58,15 @@ def test_a_family_that_is_gone_is_not_kept() -> None:
     encode.encode(families(0.0, 1.0), generate_latest)
     encode.encode(families(0.0, 1.0)[:1], generate_latest)
     assert list(encode._caches[generate_latest]) == ["citadel_worker_state"]
+
+
+def test_names_that_escaping_would_change_are_encoded_as_prometheus_client_does() -> None:
+    """A colon in a sample name, or a label name outside the legacy runes: the family
+    goes through the encoder as asked, not the cheaper equivalent."""
+    odd = GaugeMetricFamily("vllm:num_requests", "Colons.", labels=["model.name"])
+    odd.add_metric(["m"], 1.0)
+    plain = families(0.0, 1.0)
+    page = [odd, *plain]
+    for encoder in (generate_openmetrics,
+                    choose_encoder("application/openmetrics-text;version=1.0.0;escaping=underscores")[0]):
+        assert FamilyEncoder().encode(page, encoder) == without_eof(encoder(CollectedFamilies(page)))
