@@ -86,7 +86,8 @@ class CgroupTree:
 def procs(path: Path) -> list[int]:
     """The pids in a cgroup (empty when it is gone)."""
     try:
-        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        with open(path / "cgroup.procs", "rb") as fh:  # not Path.read_text: read at every scrape
+            return [int(p) for p in fh.read().split()]
     except OSError:
         return []
 

@@ -32,7 +32,7 @@ from prometheus_client.core import (
 from . import __version__
 from .events import EventBus, WorkerEvent
 from .process import ProcessTree
-from .procstat import open_fds, process_table, read_stat
+from .procstat import ProcStat, open_fds, process_table
 
 #: The states of the contract, in the order ``citadel_worker_state`` lists them.
 WORKER_STATES = ("stopped", "starting", "running", "backoff", "stopping", "fatal")
@@ -279,12 +279,13 @@ class SupervisorCollector:
         yield from (build, plugins, reloads, lag, heartbeat, checks)
 
 
-def tree_members(workers: Iterable[WorkerSnapshot]) -> dict[str, set[int]]:
-    """Every live pid of each running worker's tree (reads /proc: not on the loop).
+def tree_members(workers: Iterable[WorkerSnapshot]) -> dict[str, dict[int, ProcStat]]:
+    """Every live process of each running worker's tree, with its ``/proc`` stat
+    (reads /proc: not on the loop).
 
     Trees without a cgroup are found in one table of the host's processes, read once.
     """
-    members: dict[str, set[int]] = {}
+    members: dict[str, dict[int, ProcStat]] = {}
     table = None
     for w in workers:
         if w.proc is None:
@@ -292,21 +293,21 @@ def tree_members(workers: Iterable[WorkerSnapshot]) -> dict[str, set[int]]:
         if table is None and w.proc.cgroup is None:
             table = process_table()
         try:
-            members[w.worker] = w.proc.members(table)
+            members[w.worker] = w.proc.member_stats(table)
         except OSError:
-            members[w.worker] = set()
+            members[w.worker] = {}
     return members
 
 
 class ProcessCollector:
     """Per worker, summed over its whole process tree: CPU, memory, threads, files, processes."""
 
-    def __init__(self, workers: list[WorkerSnapshot], members: Mapping[str, set[int]]):
+    def __init__(self, workers: list[WorkerSnapshot], members: Mapping[str, Mapping[int, ProcStat]]):
         self.workers = workers
         self.members = members
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the families (reads /proc)."""
+        """Yield the families (reads each process's open files in /proc)."""
         cpu = CounterMetricFamily("citadel_worker_cpu_seconds",
                                   "User and system CPU seconds of the worker's live processes.",
                                   labels=_WORKER)
@@ -319,10 +320,10 @@ class ProcessCollector:
         count = GaugeMetricFamily("citadel_worker_processes", "Live processes in the worker's tree.",
                                   labels=_WORKER)
         for w in self.workers:
-            pids = self.members.get(w.worker)
-            if pids is None:
+            stats = self.members.get(w.worker)
+            if stats is None:
                 continue
-            totals = _tree_totals(pids)
+            totals = _tree_totals(stats)
             key = [w.service, w.worker]
             cpu.add_metric(key, totals[0])
             rss.add_metric(key, totals[1])
@@ -332,18 +333,14 @@ class ProcessCollector:
         yield from (cpu, rss, threads, fds, count)
 
 
-def _tree_totals(pids: Iterable[int]) -> tuple[float, float, float, float, float]:
-    cpu = rss = threads = fds = alive = 0.0
-    for pid in pids:
-        stat = read_stat(pid)
-        if stat is None or stat.zombie:
-            continue  # it ended between the listing and the read
+def _tree_totals(stats: Mapping[int, ProcStat]) -> tuple[float, float, float, float, float]:
+    cpu = rss = threads = fds = 0.0
+    for pid, stat in stats.items():
         cpu += stat.cpu_seconds
         rss += stat.resident_bytes
         threads += stat.threads
         fds += open_fds(pid)
-        alive += 1
-    return cpu, rss, threads, fds, alive
+    return cpu, rss, threads, fds, float(len(stats))
 
 
 class HostCollector:
@@ -428,7 +425,8 @@ class GpuReader:
 class GpuCollector:
     """Per GPU: utilisation, memory, temperature, power, XID errors; per worker its GPU memory."""
 
-    def __init__(self, gpus: list[Any], workers: list[WorkerSnapshot], members: Mapping[str, set[int]]):
+    def __init__(self, gpus: list[Any], workers: list[WorkerSnapshot],
+                 members: Mapping[str, Mapping[int, ProcStat]]):
         self.gpus = gpus
         self.workers = workers
         self.members = members

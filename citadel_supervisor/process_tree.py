@@ -18,7 +18,7 @@ import psutil
 from loguru import logger
 
 from . import cgroups
-from .procstat import ProcStat, is_live, process_table
+from .procstat import ProcStat, process_table, read_stat
 from .reaper import children, own_children
 
 SPAWN_ID_ENV = "CITADEL_SPAWN_ID"
@@ -116,24 +116,29 @@ class ProcessTree:
         ``table``: the host's processes (``procstat.process_table()``), when the
         caller lists several trees at once; read here when it is needed and not given.
         """
+        return set(self.member_stats(table))
+
+    def member_stats(self, table: dict[int, ProcStat] | None = None) -> dict[int, ProcStat]:
+        """Every live process of this worker's tree, with what ``/proc/PID/stat`` says of it."""
         if self.cgroup is not None:
-            return {p for p in cgroups.procs(self.cgroup) if is_live(p)}
+            found = {pid: read_stat(pid) for pid in cgroups.procs(self.cgroup)}
+            return {pid: stat for pid, stat in found.items() if stat is not None and not stat.zombie}
         if table is None:
             table = process_table()
-        found = {pid for pid, stat in table.items() if stat.pgid == self.pid}
-        found.add(self.pid)
+        tree = {pid for pid, stat in table.items() if stat.pgid == self.pid}
+        tree.add(self.pid)
         by_parent: dict[int, list[int]] = {}
         for pid, stat in table.items():
             by_parent.setdefault(stat.ppid, []).append(pid)
         stack = [self.pid]
         while stack:  # the leader's descendants, whichever group or session they moved to
             for child in by_parent.get(stack.pop(), []):
-                if child not in found:
-                    found.add(child)
+                if child not in tree:
+                    tree.add(child)
                     stack.append(child)
-        found.discard(os.getpid())
-        found.update(self._tagged_orphans())
-        return {p for p in found if p in table and not table[p].zombie}
+        tree.discard(os.getpid())
+        tree.update(self._tagged_orphans())
+        return {pid: table[pid] for pid in tree if pid in table and not table[pid].zombie}
 
     def _tagged_orphans(self) -> set[int]:
         tagged = set()

@@ -50,12 +50,6 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
 
 
-def is_live(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    stat = read_stat(pid)
-    return stat is not None and not stat.zombie
-
-
 def open_fds(pid: int) -> int:
     """How many files the process holds open; 0 when it is gone or not readable."""
     try:
