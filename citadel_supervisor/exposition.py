@@ -9,7 +9,8 @@ family's samples costs a small part of encoding them again.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from functools import partial
 from typing import Any
 
 from prometheus_client.core import Metric
@@ -45,11 +46,12 @@ class FamilyEncoder:
     """
 
     def __init__(self) -> None:
-        self._caches: dict[Encoder, dict[str, tuple[Metric, bytes]]] = {}
+        self._caches: dict[Hashable, dict[str, tuple[Metric, bytes]]] = {}
 
     def encode(self, families: Iterable[Metric], encoder: Encoder) -> bytes:
         """The families, encoded (without OpenMetrics' ``# EOF``)."""
-        last = self._caches.get(encoder, {})
+        key = _encoder_key(encoder)
+        last = self._caches.get(key, {})
         cache: dict[str, tuple[Metric, bytes]] = {}
         out = []
         for family in families:
@@ -60,8 +62,16 @@ class FamilyEncoder:
                 data = without_eof(_cheaper_equivalent(encoder, family)(CollectedFamilies([family])))
             cache[family.name] = (family, data)
             out.append(data)
-        self._caches[encoder] = cache
+        self._caches[key] = cache
         return b"".join(out)
+
+
+def _encoder_key(encoder: Encoder) -> Hashable:
+    """What identifies an encoder's output: ``choose_encoder`` makes a new ``partial``
+    for every request, so a partial is known by its function and arguments."""
+    if isinstance(encoder, partial):
+        return (encoder.func, encoder.args, tuple(sorted(encoder.keywords.items())))
+    return encoder
 
 
 def _same(old: Metric, new: Metric) -> bool:

@@ -40,12 +40,13 @@ def test_the_bytes_are_prometheus_clients_and_unchanged_families_are_reused(enco
         assert encode.encode(page, encoder) == without_eof(encoder(CollectedFamilies(page)))  # type: ignore[operator]
 
     first = encode.encode(families(5.0, 1.0), encoder)  # type: ignore[arg-type]
-    cached = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
+    cached = {name: data for name, (_, data) in next(iter(encode._caches.values())).items()}
     # the other format in between, as when two scrapers ask for different ones
     other = generate_latest if encoder is generate_openmetrics else generate_openmetrics
     encode.encode(families(5.0, 1.0), other)
     encode.encode(families(5.0, 9.0), encoder)  # type: ignore[arg-type]
-    again = {name: data for name, (_, data) in encode._caches[encoder].items()}  # type: ignore[index]
+    assert len(encode._caches) == 2  # one per format, however many times each was asked for
+    again = {name: data for name, (_, data) in next(iter(encode._caches.values())).items()}
     assert again["citadel_worker_state"] is cached["citadel_worker_state"]
     assert again["citadel_worker_restarts"] is cached["citadel_worker_restarts"]
     assert again["citadel_worker_uptime_seconds"] is not cached["citadel_worker_uptime_seconds"]
@@ -57,7 +58,7 @@ def test_a_family_that_is_gone_is_not_kept() -> None:
     encode = FamilyEncoder()
     encode.encode(families(0.0, 1.0), generate_latest)
     encode.encode(families(0.0, 1.0)[:1], generate_latest)
-    assert list(encode._caches[generate_latest]) == ["citadel_worker_state"]
+    assert [list(cache) for cache in encode._caches.values()] == [["citadel_worker_state"]]
 
 
 def test_names_that_escaping_would_change_are_encoded_as_prometheus_client_does() -> None:
@@ -70,3 +71,12 @@ def test_names_that_escaping_would_change_are_encoded_as_prometheus_client_does(
     for encoder in (generate_openmetrics,
                     choose_encoder("application/openmetrics-text;version=1.0.0;escaping=underscores")[0]):
         assert FamilyEncoder().encode(page, encoder) == without_eof(encoder(CollectedFamilies(page)))
+
+
+def test_choose_encoders_partials_share_one_cache() -> None:
+    """choose_encoder makes a new partial per request: they must not each get a cache."""
+    encode = FamilyEncoder()
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    for _ in range(5):
+        encode.encode(families(0.0, 1.0), choose_encoder(accept)[0])
+    assert len(encode._caches) == 1
