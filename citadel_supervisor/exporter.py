@@ -8,10 +8,11 @@
   ``/readyz?service=NAME`` for one service (a load balancer's per-backend check).
 - ``/health``: the ``application/health+json`` report; 200 on pass or warn, 503 on fail.
 
-A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML runs
-in a thread, and the workers' pages are fetched concurrently, each bounded
-by ``scrape_timeout``. The health report is also written to
-``STATE_DIR/health.json`` whenever it changes.
+A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML, or
+runs plugins' code, and gzip, run in threads; the workers' pages are fetched
+concurrently, each bounded by ``scrape_timeout``, and relabelled as they
+arrive; the merge and render take the loop for about a millisecond. The
+health report is also written to ``STATE_DIR/health.json`` whenever it changes.
 """
 
 from __future__ import annotations
