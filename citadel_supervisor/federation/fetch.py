@@ -49,8 +49,8 @@ class ScrapeResult:
 
 async def fetch_page(session: aiohttp.ClientSession, target: ScrapeTarget, timeout: float,
                      relabeler: PageRelabeler | None = None) -> ScrapeResult:
-    """Fetch one worker's page and split it into relabelled families as soon as it arrives,
-    while the other pages are still on their way.
+    """Fetch one worker's page and relabel it as soon as it arrives, while the other
+    pages are still on their way.
 
     A failure is a result with ``up`` False, never an exception.
     """
@@ -70,8 +70,8 @@ async def fetch_page(session: aiohttp.ClientSession, target: ScrapeTarget, timeo
         return ScrapeResult(target, False, time.monotonic() - start, error=f"{type(exc).__name__}: {exc}")
     duration = time.monotonic() - start
     relabeler = relabeler or PageRelabeler(target.service, target.worker)
-    # On the loop, on purpose: a page takes about a millisecond, while handing it to a
-    # thread made the loop wait for the GIL (up to the 5 ms switch interval) on every
+    # On the loop, on purpose: a page takes under half a millisecond, while handing it to
+    # a thread made the loop wait for the GIL (up to the 5 ms switch interval) on every
     # read of the other pages still arriving. The sleep(0) gives each page its own turn
     # of the loop, so that pages arriving together do not add up into one long stall.
     await asyncio.sleep(0)
