@@ -64,6 +64,7 @@ from .metrics import (
     snapshot_workers,
     tree_members,
 )
+from .waits import wait_event
 
 #: zlib's window bits for a gzip header and trailer. gzip through zlib directly is a third
 #: cheaper than gzip.compress; level 1, as most of a page is repeated label sets, that even
@@ -159,8 +160,7 @@ class Exporter:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            # Bounded: on Python 3.11 asyncio.wait_for can swallow a cancellation
-            # that lands as its awaitable completes (fixed in 3.12).
+            # Bounded: a task that swallowed its cancellation must not hold the exit.
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         if self._runner is not None:
@@ -205,12 +205,7 @@ class Exporter:
                 await asyncio.to_thread(self.health_file.write, self.report())
             except OSError as exc:
                 logger.error("cannot write the health file {}: {}", self.health_file.path, exc)
-            # asyncio.wait, not wait_for: it never swallows this task's cancellation.
-            changed = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait({changed}, timeout=max(0.0, next_host_check - time.monotonic()))
-            finally:
-                changed.cancel()
+            await wait_event(self._changed, max(0.0, next_host_check - time.monotonic()))
 
     # -- handlers -----------------------------------------------------------
 

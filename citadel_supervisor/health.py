@@ -19,6 +19,7 @@ import aiohttp
 from .config import ProbeConfig
 from .process import SpawnError, spawn
 from .services.base import WorkerInfo
+from .waits import within
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ class TcpProbe:
         """Connect once, then close."""
         start = time.monotonic()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+            _, writer = await within(asyncio.open_connection(self.host, self.port), self.timeout)
             writer.close()
             return ProbeResult(True, "connected", time.monotonic() - start)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return ProbeResult(False, f"timed out after {self.timeout:g}s", time.monotonic() - start)
         except OSError as exc:
             return ProbeResult(False, exc.strerror or str(exc), time.monotonic() - start)
@@ -117,8 +118,8 @@ class ExecProbe:
         except SpawnError as exc:
             return ProbeResult(False, str(exc), time.monotonic() - start)
         try:
-            status = await asyncio.wait_for(proc.wait(), self.timeout)
-        except asyncio.TimeoutError:
+            status = await within(proc.wait(), self.timeout)
+        except TimeoutError:
             await proc.stop(9, 1.0)
             return ProbeResult(False, f"timed out after {self.timeout:g}s", time.monotonic() - start)
         return ProbeResult(not status.failed(), status.describe(), time.monotonic() - start)

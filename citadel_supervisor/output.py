@@ -24,6 +24,7 @@ from loguru import logger
 
 from .logs import escape_control
 from .masking import masker
+from .waits import wait_event
 
 _READ_SIZE = 65536
 # One thread writes every worker's log file, chunk by chunk in order: a rotation's
@@ -208,10 +209,7 @@ class WorkerOutput:
 
     async def drained(self, timeout: float) -> None:
         """Wait (bounded) until every attached pipe reached end of file."""
-        try:
-            await asyncio.wait_for(self._drained.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._drained, timeout)
 
     def detach(self) -> None:
         """Stop reading (the pipes' remaining holders are gone or ignored)."""

@@ -32,6 +32,7 @@ from .process import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
 from .restart import RestartPolicy
 from .services.base import ServiceType, WorkerInfo
 from .statefile import StateFile
+from .waits import wait_event
 
 
 class WorkerState(str, enum.Enum):
@@ -167,9 +168,7 @@ class Worker:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            if not await wait_event(changed, remaining):
                 return self.state in states
         return True
 
@@ -190,9 +189,7 @@ class Worker:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._changed, remaining):
                 return False
 
     async def close(self) -> None:
@@ -270,11 +267,8 @@ class Worker:
             self._publish("restart", self.state.value, {"delay": decision.delay, "reason": decision.reason})
             if decision.delay > 0:
                 self._set_state(WorkerState.BACKOFF, delay=round(decision.delay, 3))
-                try:
-                    await asyncio.wait_for(self._interrupt.wait(), decision.delay)
+                if await wait_event(self._interrupt, decision.delay):
                     continue  # a stop or start request cut the backoff short
-                except asyncio.TimeoutError:
-                    pass
             if self.runtime.before_restart is not None:
                 if self.info.gpu_uuids:
                     self._set_state(WorkerState.BACKOFF, waiting="GPU memory release")
@@ -388,11 +382,7 @@ class Worker:
                         f"(last probe: {result.detail})")
             # Sleep a period, or less when the output says the worker now serves.
             self._probe_now.clear()
-            try:
-                await asyncio.wait_for(self._probe_now.wait(),
-                                       min(probe.period, max(0.0, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._probe_now, min(probe.period, max(0.0, deadline - time.monotonic())))
 
     def _start_probes(self, liveness: ProbeConfig | None, readiness: ProbeConfig | None,
                       failure: asyncio.Future[str]) -> list[asyncio.Task[None]]:

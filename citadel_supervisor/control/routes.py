@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..masking import masker
+from ..waits import within
 from . import API_PREFIX
 from .responses import BadRequestError, json_response
 
@@ -56,8 +57,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
-        raw = await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT_KEY])
-    except asyncio.TimeoutError:
+        raw = await within(request.read(), request.app[BODY_TIMEOUT_KEY])
+    except TimeoutError:
         raise web.HTTPRequestTimeout(reason="request body not received in time") from None
     try:
         data = json.loads(raw or b"{}")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from loguru import logger
 
+from ..waits import within
 from . import API_PREFIX
 from .access import AccessPolicy
 from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_REQUESTS_KEY, guard
@@ -209,8 +210,8 @@ class ControlServer:
             # Open connections (followers of events or logs, stalled clients) each get
             # a grace period to finish; citadeld's exit must not wait on them for long.
             try:
-                await asyncio.wait_for(self._runner.cleanup(), CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
+                await within(self._runner.cleanup(), CLOSE_TIMEOUT)
+            except TimeoutError:
                 logger.info("control socket: closed with clients still connected")
             self._runner = None
         elif self._sock is not None:
