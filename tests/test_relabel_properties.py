@@ -16,8 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from citadel_supervisor.federation import FederatedFamilies, PageRelabeler, page_by_line
 
-LABELS = 'service="chat",worker="chat.0"'
-
 names = st.from_regex(r"[a-z][a-z0-9_]{0,8}(:[a-z0-9_]{1,6})?", fullmatch=True)
 # Hazards for the fast path (labels named service or worker, escaped quotes, empty
 # label sets, comments, strays) are drawn rarely, so that about half the pages take it.
@@ -68,9 +66,10 @@ def canonical(text: str) -> list[tuple[Any, ...]]:
     )
 
 
-def line_path(page: str) -> list[tuple[Any, ...]]:
+def line_path(*pages: str) -> list[tuple[Any, ...]]:
     merged = FederatedFamilies()
-    merged._add_families(page_by_line(page, LABELS), "chat.0")
+    for i, page in enumerate(pages):
+        merged._add_families(page_by_line(page, f'service="chat",worker="chat.{i}"'), f"chat.{i}")
     return canonical(merged.render())
 
 
@@ -80,3 +79,12 @@ def test_the_fast_path_merges_to_what_the_line_path_gives(first: str, second: st
     relabeler = PageRelabeler("chat", "chat.0")
     for page in (first, second, first):  # a warm relabeller, with a layout from another page
         assert canonical(FederatedFamilies([relabeler.split(page)]).render()) == line_path(page)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(page=pages(), other=pages())
+def test_pages_of_one_layout_merge_as_the_line_path_merges_them(page: str, other: str) -> None:
+    """Two workers serving the same families (one layout, merged a family at a time), and
+    a third with other ones."""
+    split = [PageRelabeler("chat", f"chat.{i}").split(text) for i, text in enumerate((page, page, other))]
+    assert canonical(FederatedFamilies(split).render()) == line_path(page, page, other)

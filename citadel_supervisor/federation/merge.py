@@ -4,9 +4,10 @@ Families are merged by name, keeping the first page's type and help; a family
 whose type differs on a later page, or that uses the exporter's own prefix,
 is dropped and said so. Pages with the same layout (every vLLM of a version
 serves the same families) are merged a family at a time: each family's text
-is joined over all of them at once, and the lines that start with their
-family's name are counted there: when some do not, a sample sits under
-another family's metadata, and those pages are merged line by line.
+is joined over all of them at once, and the lines whose sample name is one
+the family's type allows (its name; ``_bucket``, ``_count`` and ``_sum`` for a
+histogram) are counted there: when some are not, a sample sits under another
+family's metadata, and those pages are merged line by line.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ class FederatedFamilies:
                 self._add_families(page.line_families, page.worker)
             return
         merged = []
-        owned = 0  # sample lines that start with their family's name
-        for name, kind, help_text, indices in layout.families:
-            parts = [text for page in pages for i in indices if (text := page.samples[i])]
+        owned = 0  # sample lines whose name is one their family's type allows
+        for family in layout.families:
+            parts = [text for page in pages for i in family.blocks if (text := page.samples[i])]
             if parts:
                 text = "\n".join(parts)
-                owned += text.startswith(name) + text.count("\n" + name)
-                merged.append(Family(name, kind, help_text, [text + "\n"]))
+                owned += text.startswith(family.starts)
+                for start in family.line_starts:
+                    owned += text.count(start)
+                merged.append(Family(family.name, family.type, family.help, [text + "\n"]))
         if owned != sum(page.lines for page in pages):
-            # A sample of another family sits among some family's: take each page line by line.
+            # Some sample is not its family's (another family's, or one without metadata
+            # of its own): take each page line by line.
             for page in pages:
                 self._add_families(page.by_line(), page.worker)
             return

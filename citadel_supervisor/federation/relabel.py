@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Sample-name suffixes that belong to a family of the base name.
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created", "_info", "_gcount", "_gsum")
@@ -43,21 +43,46 @@ class Family:
         return sample_name.startswith(self.name) and sample_name[len(self.name):] in _SUFFIXES
 
 
+#: The sample names a family of each type has in the text format, after its own name
+#: ("" is the name itself). prometheus_client writes a counter's family as NAME_total
+#: and its creation times as a gauge family of their own.
+_SAMPLE_SUFFIXES = {
+    "histogram": ("_bucket", "_count", "_sum"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum"),
+}
+
+
+class LayoutFamily(NamedTuple):
+    """One family of a page's layout."""
+
+    name: str
+    type: str
+    help: str | None
+    #: The page's blocks that hold its samples.
+    blocks: list[int]
+    #: How each of its relabelled sample lines may start: its sample names, each with
+    #: the ``{`` that every relabelled sample has after its name.
+    starts: tuple[str, ...]
+    #: The same, each after a newline: what to count in a text of such lines.
+    line_starts: tuple[str, ...]
+
+
 class BlockLayout:
     """A page cut at its ``# HELP``/``# TYPE`` lines into blocks: which family each belongs to.
 
     Made from the metadata lines (``heads``, without their ``# ``) and the
-    blocks' samples of the page it is first made for. ``families``: ``(name,
-    type, help, block indices)`` in page order, or None when a line is neither
-    HELP nor TYPE; ``bare``: the blocks that held samples without labels.
-    Pages with equal ``key``s have the same layout, so their blocks line up.
+    blocks' samples of the page it is first made for. ``families``: in page
+    order, or None when a line is neither HELP nor TYPE; ``bare``: the blocks
+    that held samples without labels. Pages with equal ``key``s have the same
+    layout, so their blocks line up.
     """
 
     def __init__(self, heads: list[str], samples: list[str]):
         self.heads = heads
         self.key = tuple(heads)
         found: dict[str, list[Any]] = {}
-        self.families: list[tuple[str, str, str | None, list[int]]] | None = None
+        self.families: list[LayoutFamily] | None = None
         self.bare: list[int] = []
         for index, head in enumerate(heads):
             kind, _, rest = head.partition(" ")
@@ -70,7 +95,11 @@ class BlockLayout:
             else:
                 family[0] = value.strip() or "untyped"
             family[2].append(index)
-        self.families = [(name, kind, help_text, slots) for name, (kind, help_text, slots) in found.items()]
+        self.families = []
+        for name, (kind, help_text, blocks) in found.items():
+            starts = tuple(f"{name}{suffix}{{" for suffix in _SAMPLE_SUFFIXES.get(kind, ("",)))
+            self.families.append(LayoutFamily(name, kind, help_text, blocks, starts,
+                                              tuple("\n" + start for start in starts)))
         self.bare = [i for i, rest in enumerate(samples) if rest and any("{" not in line for line in rest.split("\n"))]
 
 
@@ -99,9 +128,9 @@ class RelabelledPage:
         if self.layout is None or self.layout.families is None:
             return self.line_families
         found = []
-        for name, kind, help_text, indices in self.layout.families:
-            chunks = [self.samples[i] + "\n" for i in indices if self.samples[i]]
-            found.append(Family(name, kind, help_text, chunks))
+        for family in self.layout.families:
+            chunks = [self.samples[i] + "\n" for i in family.blocks if self.samples[i]]
+            found.append(Family(family.name, family.type, family.help, chunks))
         return found
 
     def by_line(self) -> list[Family]:
