@@ -35,10 +35,10 @@ from .events import WorkerEvent
 from .exposition import OPENMETRICS_EOF, Encoder, FamilyEncoder
 from .federation import (
     FederationCollector,
+    FederationRenderer,
     PageRelabeler,
     ScrapeResult,
     ScrapeTarget,
-    merge_pages,
     scrape_all,
 )
 from .health_report import (
@@ -109,6 +109,7 @@ class Exporter:
         self.plugin_collectors: list[Any] = []
         self.relabelers: dict[tuple[str, str], PageRelabeler] = {}
         self._own_encoder = FamilyEncoder()
+        self._federation = FederationRenderer()
         self._local_encoder = FamilyEncoder()
         self.address: tuple[str | None, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -296,5 +297,5 @@ class Exporter:
         would cost more in handing the GIL back and forth than it spares the loop.
         """
         head = self._own_encoder.encode(own + collect_safely([FederationCollector(results)]), encoder)
-        return b"".join((head, local, merge_pages(results).render(openmetrics).encode(),
+        return b"".join((head, local, self._federation.render([result.page for result in results], openmetrics),
                          OPENMETRICS_EOF if openmetrics else b""))

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from citadel_supervisor.exporter import _is_loopback, parse_listen
 from citadel_supervisor.federation import (
     FederatedFamilies,
+    FederationRenderer,
     PageRelabeler,
     ScrapeTarget,
     page_by_line,
@@ -240,6 +241,26 @@ def test_a_foreign_sample_on_one_page_sends_its_whole_layout_group_line_by_line(
     expected.add_page("chat", "chat.0", PAGE_A)
     expected.add_page("chat", "chat.1", foreign)
     assert canonical(FederatedFamilies(pages).render()) == canonical(expected.render())
+
+
+def test_an_idle_fleets_pages_are_merged_once() -> None:
+    relabelers = [PageRelabeler("chat", f"chat.{i}") for i in range(3)]
+    renderer = FederationRenderer()
+    pages = [r.split(PAGE_A) for r in relabelers]
+    text = renderer.render(pages + [None], openmetrics=False)
+    assert canonical(text.decode()) == canonical(FederatedFamilies(pages).render())
+    # the same pages (the relabellers give the same objects for unchanged texts): the same bytes
+    again = [r.split(PAGE_A) for r in relabelers]
+    assert renderer.render(again + [None], openmetrics=False) is text
+    openmetrics = renderer.render(again + [None], openmetrics=True)
+    assert openmetrics.decode() == FederatedFamilies(pages).render(openmetrics=True)
+    # one page changed: merged again
+    changed = [relabelers[0].split(PAGE_A.replace(" 2.0\n", " 9.0\n", 1)), *again[1:]]
+    fresh = renderer.render(changed + [None], openmetrics=False)
+    assert fresh != text and b"9.0" in fresh
+    # a worker down: merged again, without its samples
+    fewer = renderer.render([None, *again[1:], None], openmetrics=False)
+    assert b'worker="chat.0"' not in fewer and b'worker="chat.1"' in fewer
 
 
 # --------------------------------------------------------------------------

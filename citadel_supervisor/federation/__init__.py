@@ -11,22 +11,21 @@ from .fetch import (
     ScrapeResult,
     ScrapeTarget,
     fetch_page,
-    merge_pages,
     scrape_all,
 )
-from .merge import FederatedFamilies
+from .merge import FederatedFamilies, FederationRenderer
 from .relabel import Family, PageRelabeler, RelabelledPage, page_by_line
 
 __all__ = [
     "Family",
     "FederatedFamilies",
     "FederationCollector",
+    "FederationRenderer",
     "PageRelabeler",
     "RelabelledPage",
     "ScrapeResult",
     "ScrapeTarget",
     "fetch_page",
-    "merge_pages",
     "page_by_line",
     "scrape_all",
 ]

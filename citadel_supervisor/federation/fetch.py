@@ -14,10 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
-from loguru import logger
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .merge import FederatedFamilies
 from .relabel import PageRelabeler, RelabelledPage
 
 #: What federation asks workers for: the classic text format, parsed here.
@@ -95,14 +93,6 @@ async def scrape_all(session: aiohttp.ClientSession, targets: Iterable[ScrapeTar
         relabelers.setdefault((t.service, t.worker), PageRelabeler(t.service, t.worker))
     return list(await asyncio.gather(*(
         fetch_page(session, t, timeout, relabelers[(t.service, t.worker)]) for t in targets)))
-
-
-def merge_pages(results: Iterable[ScrapeResult]) -> FederatedFamilies:
-    """Merge the pages of every worker that was up."""
-    merged = FederatedFamilies(result.page for result in results if result.page is not None)
-    for message in merged.conflicts:
-        logger.debug("federation: {}", message)
-    return merged
 
 
 class FederationCollector:

@@ -12,7 +12,9 @@ family's metadata, and those pages are merged line by line.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+from loguru import logger
 
 from .relabel import Family, PageRelabeler, RelabelledPage
 
@@ -121,3 +123,25 @@ def _openmetrics_family(family: Family, families: dict[str, Family]) -> tuple[st
         if owner is not None and owner.type in ("counter", "histogram", "summary"):
             return name, kind, True
     return name, kind, False
+
+
+class FederationRenderer:
+    """The workers' pages, merged and rendered; the last bytes again while every page is
+    the one the last call had (a relabeller returns the same page for an unchanged text,
+    so an idle fleet's pages are merged once)."""
+
+    def __init__(self) -> None:
+        self._pages: list[RelabelledPage | None] = []
+        self._rendered: dict[bool, bytes] = {}
+
+    def render(self, pages: Sequence[RelabelledPage | None], openmetrics: bool) -> bytes:
+        """``pages``: one per worker, None for a worker that was down."""
+        if len(pages) != len(self._pages) or any(page is not old for page, old in zip(pages, self._pages)):
+            self._pages, self._rendered = list(pages), {}
+        rendered = self._rendered.get(openmetrics)
+        if rendered is None:
+            merged = FederatedFamilies(page for page in pages if page is not None)
+            for message in merged.conflicts:
+                logger.debug("federation: {}", message)
+            rendered = self._rendered[openmetrics] = merged.render(openmetrics).encode()
+        return rendered
