@@ -70,10 +70,21 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/ope
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while they are picked)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """One free port."""
+    return free_ports(1)[0]
 
 
 PAGE_SERVER = """\
@@ -128,14 +139,13 @@ def page_versions(page: str, versions: int) -> list[str]:
     return [shifted(page, k) if k else page for k in range(versions)]
 
 
-def services(root: Path, page: Path, workers: int, versions: int, server: str) -> tuple[str, list[int]]:
-    """The config's services: ``workers`` page servers of the ``server`` kind; and their ports."""
+def services(root: Path, page: Path, ports: list[int], versions: int, server: str) -> str:
+    """The config's services: a page server of the ``server`` kind on each of ``ports``."""
     folder = root / "page"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "server.py").write_text(SERVERS[server])
     for i, text in enumerate(page_versions(page.read_text(), versions)):
         (folder / f"metrics.{i}").write_text(text)
-    ports = [free_port() for _ in range(workers)]
     text = ""
     for i, port in enumerate(ports):
         text += f"""
@@ -206,8 +216,8 @@ def lag_during(rows: list[tuple[float, float]], windows: list[tuple[float, float
 def run(args: argparse.Namespace, versions: int, server: str) -> dict[str, object]:
     """One citadeld with the page servers; the timings and lag samples."""
     root = Path(tempfile.mkdtemp(prefix="bench-exporter-"))
-    text, ports = services(root, args.page, args.workers, versions, server)
-    port = free_port()
+    *ports, port = free_ports(args.workers + 1)  # the workers' and the exporter's
+    text = services(root, args.page, ports, versions, server)
     lag_file = root / "lag.txt"
     citadel = Citadel(root, text, lag_probe=lag_file)
     citadel.config.write_text(citadel.config.read_text().replace('listen = ""', f'listen = "127.0.0.1:{port}"'))
