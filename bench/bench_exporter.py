@@ -160,7 +160,7 @@ kind = "http"
 path = "/metrics"
 period = 0.1
 """
-    return text, ports
+    return text
 
 
 async def measure(exporter: str, pages: list[str], rounds: int, pause: float
