@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Citadel,
     cpu_seconds,
+    free_ports,
     loadavg,
     machine,
     ms,
@@ -68,23 +68,6 @@ from _common import (
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open while they are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def free_port() -> int:
-    """One free port."""
-    return free_ports(1)[0]
 
 
 PAGE_SERVER = """\

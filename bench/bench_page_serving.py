@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, ms, percentile, table
-from bench_exporter import FIXTURES, SERVERS, free_port
+from _common import free_port, machine, ms, percentile, table
+from bench_exporter import FIXTURES, SERVERS
 
 
 async def timings(url: str, requests: int) -> list[float]:

@@ -11,8 +11,9 @@
 A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML, or
 runs plugins' code, and gzip, run in threads; the workers' pages are fetched
 concurrently, each bounded by ``scrape_timeout``, and relabelled as they
-arrive; the merge and render take the loop for about a millisecond. The
-health report is also written to ``STATE_DIR/health.json`` whenever it changes.
+arrive; the merge and render take the loop for about 2 ms (none while no page
+changed). The health report is also written to ``STATE_DIR/health.json``
+whenever it changes.
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class Exporter:
         """The page: the supervisor's families, the local ones (already encoded), the
         federation's status, then the workers' merged families.
 
-        About a millisecond of CPU for eight vLLM pages: on the loop, as a thread
+        About 2 ms of CPU for eight changing vLLM pages: on the loop, as a thread
         would cost more in handing the GIL back and forth than it spares the loop.
         """
         head = self._own_encoder.encode(own + collect_safely([FederationCollector(results)]), encoder)

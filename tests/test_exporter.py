@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import free_port, free_ports
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -33,12 +34,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 VLLM_PAGE = FIXTURES / "vllm_metrics.txt"
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def samples(families: Any) -> list[Any]:
@@ -285,9 +280,8 @@ async def _slow_and_dead() -> None:
     app.router.add_get("/{name}", page)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
-    port = free_port()
+    port, dead_port = free_ports(2)
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    dead_port = free_port()
     targets = [
         ScrapeTarget("a", "a", f"http://127.0.0.1:{port}/metrics"),
         ScrapeTarget("slow", "slow", f"http://127.0.0.1:{port}/slow"),

@@ -25,7 +25,6 @@ from loguru import logger
 
 from citadel_supervisor import gpu as gpu_module
 from citadel_supervisor.config import CitadelConfig, ServiceConfig, load_config
-from citadel_supervisor.gpu.fake_nvml import FakeNvml, GiB
 from citadel_supervisor.gpu import (
     FAKE_NVML_ENV,
     GpuInventory,
@@ -38,6 +37,7 @@ from citadel_supervisor.gpu import (
     wait_released,
     worker_placement,
 )
+from citadel_supervisor.gpu.fake_nvml import FakeNvml, GiB
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST_8GPU = FIXTURES / "fake_host_8gpu.json"

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from conftest import CITADELD
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"

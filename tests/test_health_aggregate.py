@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port, free_ports, wait_until
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from test_exporter import fetch, free_port, page_service
+from test_exporter import fetch, page_service
 
 from citadel_supervisor.config import HostChecksConfig
 from citadel_supervisor.gpu import GpuInfo
@@ -149,16 +150,6 @@ def test_the_health_file_is_replaced_whole_and_only_on_change(tmp_path: Path) ->
 # --------------------------------------------------------------------------
 
 
-def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_health_endpoint_and_file_follow_readiness_and_host_thresholds(daemon_factory: Any,
                                                                       tmp_path: Path) -> None:
     flag = tmp_path / "ready-flag"
@@ -193,13 +184,13 @@ failure_threshold = 1
         answer = report()
         return answer if "host:disk_free" in answer[1]["checks"] else None
 
-    status, doc = wait_for(with_host_checks, what="the host checks")
+    status, doc = wait_until(with_host_checks, what="the host checks")
     assert_health_json(doc)
     assert status == 503 and doc["status"] == "fail"  # gate is required and not ready
     assert doc["checks"]["gate:ready"][0]["status"] == "fail"
     assert doc["checks"]["host:disk_free"][0]["status"] == "warn"  # free < 100 %: always crossed
     assert doc["checks"]["host:memory_available"][0]["status"] == "pass"
-    wait_for(lambda: health_file.exists() and json.loads(health_file.read_text())["status"] == "fail",
+    wait_until(lambda: health_file.exists() and json.loads(health_file.read_text())["status"] == "fail",
              what="the health file to say fail")
 
     flag.write_text("")
@@ -211,7 +202,7 @@ failure_threshold = 1
         on_file: dict[str, Any] = json.loads(health_file.read_text())
         return on_file if on_file["status"] == "warn" else None
 
-    on_file = wait_for(file_warns, what="the health file to follow")
+    on_file = wait_until(file_warns, what="the health file to follow")
     assert_health_json(on_file)
     assert on_file["checks"]["gate:ready"][0]["observedValue"] is True
     # citadelctl health reads the same report over the control socket
@@ -231,7 +222,7 @@ memory_available_fail_ratio = 1.0
         answer = fetch(f"http://127.0.0.1:{port}/health")
         return answer if "host:memory_available" in answer[2] else None
 
-    status, _, body = wait_for(with_memory_check, what="the memory check")
+    status, _, body = wait_until(with_memory_check, what="the memory check")
     doc = json.loads(body)
     assert_health_json(doc)
     assert status == 503 and doc["status"] == "fail"
@@ -245,9 +236,9 @@ memory_available_fail_ratio = 1.0
 
 def test_a_worker_stopped_with_sigstop_is_down_in_federation_then_restarted_by_liveness(
         daemon_factory: Any, tmp_path: Path) -> None:
-    port, web_port = free_port(), free_port()
+    port, web_port, page_port = free_ports(3)
     config = f'[exporter]\nlisten = "127.0.0.1:{port}"\nscrape_timeout = 0.3\n'
-    config += page_service("chat", tmp_path, free_port())
+    config += page_service("chat", tmp_path, page_port)
     config += page_service("web", tmp_path, web_port, extra="""
 backoff_initial = 0.1
 [services.web.probes.liveness]

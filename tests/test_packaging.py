@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import RunningDaemon
+from conftest import RunningDaemon, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from citadel_supervisor.config import DaemonConfig, ServiceConfig
@@ -277,7 +276,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     www = root / "www"
     www.mkdir()
     shutil.copy(ROOT / "tests" / "fixtures" / "vllm_metrics_standin.txt", www / "metrics")
-    worker_port, exporter_port = _free_port(), _free_port()
+    worker_port, exporter_port = free_ports(2)
     daemon = RunningDaemon(root, f"""
         [exporter]
         listen = "127.0.0.1:{exporter_port}"
@@ -305,12 +304,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
         families.setdefault(family.name, set()).update({"gpu", "uuid"})
     families["citadel_worker_gpu_memory_bytes"] |= {"service", "worker"}
     yield families
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _scrape(port: int) -> str:

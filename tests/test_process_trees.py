@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import wait_gone
 
 TREE = Path(__file__).parent / "workers" / "tree.py"

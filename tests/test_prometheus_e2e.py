@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_exporter import fetch, free_port, page_service
+from conftest import free_port, free_ports
+from test_exporter import fetch, page_service
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -84,10 +85,10 @@ def eventually(check: Any, timeout: float, what: str) -> Any:
 
 def test_prometheus_scrapes_citadel_and_the_federated_vllm_series(daemon_factory: Any, tmp_path: Path,
                                                                   prometheus: Any) -> None:
-    exporter = free_port()
+    exporter, chat_port, embed_port = free_ports(3)
     config = f'[exporter]\nlisten = "127.0.0.1:{exporter}"\n'
-    config += page_service("chat", tmp_path, free_port(), extra="replicas = 2")
-    config += page_service("embed", tmp_path, free_port())
+    config += page_service("chat", tmp_path, chat_port, extra="replicas = 2")
+    config += page_service("embed", tmp_path, embed_port)
     d = daemon_factory(config)
     for worker in ("chat.0", "chat.1", "embed"):
         d.wait_state(worker, "running")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import wait_gone
 
 REPO = Path(__file__).resolve().parents[1]

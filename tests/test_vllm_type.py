@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CITADELD
 
 from citadel_supervisor.config import ConfigError, load_config
 from citadel_supervisor.services.base import WorkerInfo
 from citadel_supervisor.services.vllm import VllmConfig, VllmService, startup_phase
-from conftest import CITADELD
 
 FAKE_HOST = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
 

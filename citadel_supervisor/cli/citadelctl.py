@@ -147,6 +147,12 @@ def _state_cell(w: dict[str, Any], now: float) -> str:
     return state
 
 
+def _padded(header: list[str], rows: list[list[str]]) -> list[list[str]]:
+    """The header and the rows, each cell padded to its column's width."""
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return [[cell.ljust(widths[i]) for i, cell in enumerate(row)] for row in [header] + rows]
+
+
 def status_table(workers: list[dict[str, Any]], colour: bool, now: float | None = None) -> str:
     """The ``systemctl``-like table: one row per worker."""
     now = time.time() if now is None else now
@@ -157,10 +163,9 @@ def status_table(workers: list[dict[str, Any]], colour: bool, now: float | None 
         _duration(w.get("uptime")) if w["state"] in ("running", "starting") else "-",
         str(w["restarts"]), "yes" if w["ready"] else "no",
     ] for w in workers]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip()]
-    for w, row in zip(workers, rows):
-        cells = [c.ljust(widths[i]) for i, c in enumerate(row)]
+    padded = _padded(header, rows)
+    lines = ["  ".join(padded[0]).rstrip()]
+    for w, cells in zip(workers, padded[1:]):
         fg = _STATE_COLOURS.get(w["state"])
         if colour and fg:
             cells[1] = click.style(cells[1], fg=fg)
@@ -425,9 +430,8 @@ def gpus(ctl: Ctl, as_json: bool) -> None:
         click.echo("FAKE GPUs (CITADEL_FAKE_NVML is set): no real GPU is used", err=True)
     header = ["INDEX", "NAME", "MEMORY MiB", "UTIL", "WORKERS", "UUID"]
     rows = [_gpu_row(g) for g in data.get("gpus", [])]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+    for cells in _padded(header, rows):
+        click.echo("  ".join(cells).rstrip())
 
 
 @main.command()
