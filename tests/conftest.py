@@ -16,6 +16,16 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# Property tests: the default profile, "ci", is derandomized and keeps no example
+# database, so every run draws the same examples and a run cannot fail by chance.
+# "explore" searches afresh each run, with many more examples, and keeps what it
+# finds in .hypothesis/: ``pytest --hypothesis-profile explore tests/test_relabel_properties.py``.
+settings.register_profile("ci", max_examples=200, derandomize=True, database=None,
+                          deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=20_000, deadline=None)
+settings.load_profile("ci")
 
 BIN = Path(sys.executable).parent
 CITADELD = str(BIN / "citadeld")
@@ -165,6 +175,25 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """One free loopback port."""
     return free_ports(1)[0]
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (for replicas at port + N)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65536:
+            continue
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError(f"found no {count} consecutive free ports")
 
 
 def wait_until(predicate: Any, timeout: float = 20, what: str = "condition") -> Any:

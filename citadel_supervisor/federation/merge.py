@@ -49,12 +49,16 @@ class FederatedFamilies:
         owned = 0  # sample lines whose name is one their family's type allows
         for family in layout.families:
             parts = [text for page in pages for i in family.blocks if (text := page.samples[i])]
+            chunks = []
             if parts:
                 text = "\n".join(parts)
                 owned += text.startswith(family.starts)
                 for start in family.line_starts:
                     owned += text.count(start)
-                merged.append(Family(family.name, family.type, family.help, [text + "\n"]))
+                chunks.append(text + "\n")
+            # A family without samples still counts: its help and type hold for the
+            # samples that later pages bring (as the line path has it).
+            merged.append(Family(family.name, family.type, family.help, chunks))
         if owned != sum(page.lines for page in pages):
             # Some sample is not its family's (another family's, or one without metadata
             # of its own): take each page line by line.
