@@ -9,6 +9,7 @@ import sys
 import time
 
 import psutil
+from conftest import free_port_run
 
 PY = sys.executable
 
@@ -158,17 +159,18 @@ def test_after_orders_startup_and_reverse_shutdown(daemon_factory, tmp_path):
 
 
 def test_replicas_get_their_own_names_and_ports(daemon_factory):
+    port = free_port_run(2)
     daemon = daemon_factory(f"""
         [services.web]
         type = "command"
         command = ["{PY}", "-c", "import os, http.server as h; h.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), h.SimpleHTTPRequestHandler).serve_forever()"]
         replicas = 2
-        port = 19321
-        health = {{ http = "http://127.0.0.1:19321/", period = 0.5 }}
+        port = {port}
+        health = {{ http = "http://127.0.0.1:{port}/", period = 0.5 }}
         """)
     status = daemon.wait_state("web.1", "running")
-    assert status["port"] == 19322
-    assert daemon.status()["web.0"]["port"] == 19321
+    assert status["port"] == port + 1
+    assert daemon.status()["web.0"]["port"] == port
     daemon.ctl("stop", "web", "--wait")
     assert {w["state"] for w in daemon.status().values()} == {"stopped"}
 
