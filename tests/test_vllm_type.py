@@ -51,6 +51,22 @@ def test_argv_has_no_shell_and_the_key_goes_by_env(tmp_path):
     assert "sk-thisIsASecretKey1234" not in repr(service)
 
 
+def test_probe_and_scrape_paths_stay_out_of_the_access_log_unless_asked(tmp_path):
+    def argv(extra: str) -> list[str]:
+        service = _load(tmp_path, _service(extra)).services["chat"]
+        return VllmService().spawn_spec(WorkerInfo("chat", "chat", 0, service, port=8001)).argv
+
+    default = argv("")
+    assert default[default.index("--disable-access-log-for-endpoints") + 1] == "/health,/metrics"
+    assert "--disable-access-log-for-endpoints" not in argv("access_log_exclude = []")
+    with pytest.raises(ConfigError) as err:
+        argv('access_log_exclude = ["health"]')
+    assert "services.chat.access_log_exclude" in str(err.value) and "'health' is not a URL path" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        argv('args = ["--disable-access-log-for-endpoints=/x"]')
+    assert "set by the key 'access_log_exclude'" in str(err.value)
+
+
 def test_missing_local_model_is_an_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, _service().replace("./model", "./nope"))

@@ -33,6 +33,7 @@ _MANAGED_FLAGS = {
     "--pipeline-parallel-size": "pipeline_parallel_size", "-pp": "pipeline_parallel_size",
     "--gpu-memory-utilization": "gpu_memory_utilization", "--max-model-len": "max_model_len",
     "--dtype": "dtype", "--api-key": "api_key", "--shutdown-timeout": "drain_timeout",
+    "--disable-access-log-for-endpoints": "access_log_exclude",
 }
 
 
@@ -63,6 +64,12 @@ class VllmConfig(ServiceConfig):
     drain_timeout: Duration | None = Field(
         None, ge=0, description="on stop, let in-flight requests finish for this long (--shutdown-timeout)"
     )
+    access_log_exclude: list[str] = Field(
+        ["/health", "/metrics"],
+        description="paths left out of vLLM's access log, where citadeld's probes and scrapes poll "
+                    "(--disable-access-log-for-endpoints; [] logs every request, and suits a vLLM "
+                    "older than that flag)",
+    )
     inference_probe: bool = Field(
         False, description="liveness by a real 1-token request, which catches a hung engine"
     )
@@ -73,6 +80,14 @@ class VllmConfig(ServiceConfig):
     def _names_list(cls, value: list[str] | str | None) -> list[str] | None:
         if isinstance(value, str):
             return [value]
+        return value
+
+    @field_validator("access_log_exclude")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or "," in path or any(c.isspace() for c in path):
+                raise ValueError(f"{path!r} is not a URL path: give paths such as \"/health\"")
         return value
 
     @model_validator(mode="after")
@@ -203,6 +218,8 @@ class VllmService(ServiceType):
             argv += ["--dtype", config.dtype]
         if config.drain_timeout is not None:
             argv += ["--shutdown-timeout", str(int(config.drain_timeout))]
+        if config.access_log_exclude:
+            argv += ["--disable-access-log-for-endpoints", ",".join(config.access_log_exclude)]
         argv += config.args
         env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **config.env}
         if config.api_key is not None:
