@@ -212,8 +212,13 @@ class Citadel:
     """A citadeld subprocess on a config in ``root``, driven through its control API."""
 
     def __init__(self, root: Path, services: str, daemon_extra: str = "", lag_probe: Path | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, exporter_listen: str = "",
+                 argv_prefix: Sequence[str] = ()):
+        """``argv_prefix``: a command that execs citadeld (``prlimit ... --``), so its pid is citadeld's."""
         self.root = root
+        self.daemon_extra = daemon_extra
+        self.exporter_listen = exporter_listen
+        self.argv_prefix = list(argv_prefix)
         self.env = {**os.environ, **(env or {})}
         # The state file and socket go on tmpfs, as /run/citadel is under systemd
         # (on a disk, ext4 makes each state-file rewrite cost milliseconds).
@@ -224,6 +229,11 @@ class Citadel:
         self.config = root / "citadeld.toml"
         self.lag_probe = lag_probe
         root.mkdir(parents=True, exist_ok=True)
+        self.write_services(services)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_services(self, services: str) -> None:
+        """Write the config: the bench's [daemon] and [exporter] tables, then ``services``."""
         self.config.write_text(textwrap.dedent(f"""\
             [daemon]
             control_socket = "{self.socket}"
@@ -231,11 +241,10 @@ class Citadel:
             log_dir = "{self.log_dir}"
             log_level = "INFO"
             socket_group = ""
-            {daemon_extra}
+            {self.daemon_extra}
             [exporter]
-            listen = ""
+            listen = "{self.exporter_listen}"
             """) + textwrap.dedent(services))
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -249,7 +258,7 @@ class Citadel:
             argv = [sys.executable, str(Path(__file__)), "lag-probe", str(self.lag_probe), "--"]
         else:
             argv = [str(CITADELD)]
-        argv += ["--config", str(self.config), "--log-format", "json"]
+        argv = self.argv_prefix + argv + ["--config", str(self.config), "--log-format", "json"]
         with (self.root / "citadeld.out").open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=self.env)
