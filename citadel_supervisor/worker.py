@@ -249,7 +249,10 @@ class Worker:
                 self._wake.clear()
                 continue
             self._interrupt.clear()
-            outcome = await self._run_once()
+            try:
+                outcome = await self._run_once()
+            except Exception as exc:  # noqa: BLE001 (a bug must not leave the process unsupervised)
+                outcome = await self._recover_from(exc)
             if outcome.interrupted or not self._want_up:
                 continue
             decision = self.policy.decide(outcome.failed, outcome.uptime, time.monotonic())
@@ -356,6 +359,26 @@ class Worker:
         self._publish("exit", self.state.value, {"exit": status.to_json(), "reason": reason,
                                                  "last_lines": self.last_lines})
         return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason)
+
+    async def _recover_from(self, exc: Exception) -> RunOutcome:
+        """One run broke on a bug (here or in a plugin's hook): stop the process it started,
+        so that nothing runs unsupervised and ``close`` never waits on a dead task; the run
+        counts as failed, and the restart policy decides what comes next."""
+        self._log.opt(exception=exc).error("internal error while running the worker: {}: {}",
+                                           type(exc).__name__, masker.mask(str(exc)))
+        proc, self.proc = self.proc, None
+        self.probes = {}
+        if proc is not None:
+            self._set_state(WorkerState.STOPPING)
+            try:
+                await proc.stop(self.info.config.stop_signal, self.info.config.stop_timeout)
+            except Exception as stop_exc:  # noqa: BLE001
+                self._log.opt(exception=stop_exc).error("cannot stop pid {}: {}", proc.pid, stop_exc)
+            self.output.detach()
+            self.runtime.state_file.remove(self.name)
+        reason = f"internal error: {type(exc).__name__}"
+        self._publish("exit", self.state.value, {"exit": None, "reason": reason, "last_lines": []})
+        return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=reason)
 
     def _watch_startup_line(self, line: str) -> None:
         phase = self.service_type.startup_phase(line)

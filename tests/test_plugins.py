@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CITADELD
+from conftest import CITADELD, wait_gone
 from loguru import logger
 
 from citadel_supervisor import hookimpl
@@ -26,6 +27,7 @@ TEST_PLUGINS = {
     "broken": "citadel_test_broken",
     "faulty": "citadel_test_faulty",
     "unwanted": "citadel_test_unwanted",
+    "buggy": "citadel_test_buggy",
 }
 FAULTY_SECRET = "faulty-secret-value-31337"
 
@@ -206,3 +208,18 @@ def test_disabled_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert disabled_from_env() == {"a", "b", "c"}
     monkeypatch.delenv("CITADEL_DISABLE_PLUGINS")
     assert disabled_from_env() == set()
+
+
+def test_a_bug_in_a_running_worker_stops_its_process_and_never_hangs_the_exit(
+        daemon_factory: Any, site: Path) -> None:
+    """The buggy type raises after its process is spawned: citadeld stops that process (it
+    must not run unsupervised), counts a failed run, and still exits on SIGTERM."""
+    d = daemon_factory('[plugins]\ndisable = ["unwanted"]\n[services.bug]\ntype = "buggy"\n'
+                       'backoff_initial = 60\n', env={"PYTHONPATH": str(site)})
+    exits = d.wait_for(lambda s: s["bug"]["state"] == "backoff" and s["bug"],
+                       what="the buggy worker's failed run")
+    assert exits["pid"] is None and exits["restarts"] == 1
+    assert "internal error while running the worker: RuntimeError: buggy on purpose" in d.logs()
+    spawned = [int(pid) for pid in re.findall(r"-> starting, pid=(\d+)", d.logs())]
+    assert spawned and wait_gone(spawned, timeout=10) == [], "the buggy worker's process outlived its run"
+    assert d.stop(timeout=30) == 0
