@@ -69,6 +69,22 @@ class CgroupTree:
             return None
         return cls(base, instance)
 
+    @classmethod
+    def locate(cls, instance: str) -> CgroupTree | None:
+        """Where this instance's worker cgroups are (written or not), or None without cgroup v2.
+
+        For the start-up clean-up, which must know them even when this run will
+        not make any (``cgroups = "off"``, or no longer writable).
+        """
+        base = _own_cgroup_dir()
+        return cls(base, instance) if base is not None else None
+
+    def owns(self, path: Path) -> bool:
+        """True for a path this instance names its worker cgroups by: directly under
+        ``base``, with this instance's prefix (so no other cgroup, nor any other folder)."""
+        return (path.is_absolute() and path.parent == self.base
+                and path.name.startswith(self.prefix) and len(path.name) > len(self.prefix))
+
     def path_for(self, worker: str) -> Path:
         """The cgroup folder of a worker."""
         return self.base / (self.prefix + worker)
@@ -102,6 +118,8 @@ def kill(path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                logger.warning("cannot kill pid {} of cgroup {}: permission denied", pid, path)
 
 
 def remove(path: Path) -> bool:

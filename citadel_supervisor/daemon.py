@@ -7,10 +7,12 @@ Signal handlers only queue the signal; the main loop dispatches it
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import os
 import signal
-import sys
+import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from .events import EventBus, WorkerEvent
 from .exporter import Exporter
 from .gpu import GpuAllocation, GpuDetection, wait_released
 from .gpu_plan import plan_gpus
-from .health import BUILTIN_KINDS
+from .health import BUILTIN_KINDS, ProbeKinds
 from .masking import masker
 from .plugins import PluginRegistry
 from .process import become_subreaper, children
@@ -37,11 +39,6 @@ from .statefile import StateFile
 from .supervisor import Supervisor
 from .systemd import Notifier
 from .worker import Worker, WorkerRuntime
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def disabled_plugins(path: Path) -> list[str]:
@@ -54,11 +51,17 @@ def disabled_plugins(path: Path) -> list[str]:
     return [d for d in disable if isinstance(d, str)] if isinstance(disable, list) else []
 
 
+def probe_kinds(registry: PluginRegistry) -> ProbeKinds:
+    """Every probe kind: the built-in ones and those plugins add (``citadel_probe_kinds``)."""
+    return ProbeKinds({**BUILTIN_KINDS, **registry.collect_named("citadel_probe_kinds", "probe kind")})
+
+
 def load_validated(path: Path, registry: PluginRegistry) -> CitadelConfig:
-    """Load and validate the config with every plugin's types, sections and checks."""
+    """Load and validate the config with every plugin's types, sections, probe kinds and checks."""
     service_types = registry.service_types()
     sections = registry.collect_named("citadel_config_sections", "config section")
-    config = load_config(path, {n: t.config_model for n, t in service_types.items()}, sections)
+    config = load_config(path, {n: t.config_model for n, t in service_types.items()}, sections,
+                         probe_kinds=set(probe_kinds(registry)))
     issues: list[ConfigIssue] = []
     for _, found in registry.call_each("citadel_check_config", config=config):
         issues.extend(found)
@@ -88,6 +91,58 @@ def check_log_dir(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OSError(f"daemon.log_dir {path} is not writable: {exc.strerror}") from None
+
+
+class InstanceLockedError(RuntimeError):
+    """Another citadeld runs on this state_dir."""
+
+
+class InstanceLock:
+    """One citadeld per ``daemon.state_dir``: an ``flock`` on ``STATE_DIR/citadeld.lock``.
+
+    Taken before anything else is touched (the control socket, the state file's
+    leftovers), so a second citadeld stops without disturbing the first. The
+    kernel drops the lock when its holder exits, however it exits; the file
+    holds the holder's pid for the message a second one prints.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "citadeld.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; ``InstanceLockedError`` naming the file and its holder if held."""
+        # 0755: a state_dir others may write is not trusted (statefile.folder_doubt).
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # O_CLOEXEC (Python's default): workers must not inherit, and so hold, the lock.
+        # O_NOFOLLOW: a link planted there must not make citadeld open another file.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OSError(f"cannot lock {self.path}: {exc.strerror}") from None
+            raise InstanceLockedError(
+                f"another citadeld is running ({self._holder()}): it holds the lock {self.path}; "
+                "stop it first, or give this one another daemon.state_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _holder(self) -> str:
+        """``pid N`` as the lock file says, or why that is unknown."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError as exc:
+            return f"pid unknown: {exc.strerror}"
+        return f"pid {text}" if text.isdigit() else "pid unknown"
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race a starting citadeld)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Daemon:
@@ -220,37 +275,44 @@ class Daemon:
     async def run(self) -> int:
         """Run until SIGTERM or SIGINT; the exit code."""
         cfg = self.config
-        become_subreaper()
-        # Claim the control socket first: a second citadeld must stop here, before it
-        # touches the first one's workers (stop_leftovers below).
-        control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
-                                AccessPolicy.from_groups(cfg.daemon.control_groups, cfg.daemon.read_groups))
-        control.bind()
+        # Take the lock, then claim the control socket: a second citadeld must stop here,
+        # before it touches the first one's socket or workers (stop_leftovers below).
+        lock = InstanceLock(cfg.daemon.state_dir)
+        lock.acquire()
         try:
-            return await self._run_bound(control)
+            become_subreaper()
+            control = ControlServer(self, cfg.daemon.control_socket, cfg.daemon.socket_group,
+                                    AccessPolicy.from_groups(cfg.daemon.control_groups,
+                                                             cfg.daemon.read_groups))
+            control.bind()
+            try:
+                return await self._run_bound(control)
+            finally:
+                await control.close()  # also when start-up failed after the bind
         finally:
-            await control.close()  # also when start-up failed after the bind
+            lock.release()
 
     async def _run_bound(self, control: ControlServer) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        # Writable by citadeld alone: stop_leftovers trusts no state file in a folder others may write.
+        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         check_log_dir(cfg.daemon.log_dir)
         state_file = StateFile(cfg.daemon.state_dir / "workers.json")
-        state_file.stop_leftovers()
         instance = hashlib.sha1(str(cfg.daemon.state_dir.resolve()).encode()).hexdigest()[:8]
+        state_file.stop_leftovers(CgroupTree.locate(instance))
         cgroup_tree = CgroupTree.detect(instance) if cfg.daemon.cgroups == "auto" else None
         logger.info("citadeld {} starting (pid {}); workers get {}", __version__, os.getpid(),
                     f"cgroups under {cgroup_tree.base}" if cgroup_tree else "process groups")
-        probe_kinds = {**BUILTIN_KINDS, **self.plugins.collect_named("citadel_probe_kinds", "probe kind")}
         async with aiohttp.ClientSession() as session:
             runtime = WorkerRuntime(session=session, plugins=self.plugins, events=self.events,
-                                    state_file=state_file, probe_kinds=probe_kinds,
+                                    state_file=state_file, probe_kinds=probe_kinds(self.plugins),
                                     cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory,
                                     before_restart=self._wait_gpus_released)
             self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
             self.add_route("/gpus", self._gpus_route)
-            self.exporter = Exporter(self, session, gpus=self.gpus.inventory)
+            self.exporter = Exporter(self, session, gpus=self.gpus.inventory,
+                                     control_connections=control.limits.max_connections)
             self.add_route("/health", self.exporter.health_route)
             self._closers.append(self.exporter.close)
             await control.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 import types
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,11 +32,6 @@ from pydantic_core import PydanticUndefined
 from . import config as cfg
 from .durations import parse_duration
 from .plugins import PluginRegistry, load_plugins
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: The distribution of citadeld itself; its built-in plugins are first-party.
 CORE_DISTRIBUTION = "citadel-supervisor"

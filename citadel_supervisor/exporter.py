@@ -14,12 +14,19 @@ concurrently, each bounded by ``scrape_timeout``, and relabelled as they
 arrive; the merge and render take the loop for about 2 ms (none while no page
 changed). The health report is also written to ``STATE_DIR/health.json``
 whenever it changes.
+
+The listener never starves the rest of citadeld: it holds at most
+``connection_cap`` connections (derived from ``RLIMIT_NOFILE``, keeping file
+descriptors for the control socket and for spawning workers), answers 503 to
+one more, and closes a connection idle for ``IDLE_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import resource
 import time
 import zlib
 from typing import Any
@@ -31,12 +38,14 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
+from .control.admission import CappedTCPSite, ConnectionGate
 from .control.responses import json_response
 from .events import WorkerEvent
 from .exposition import OPENMETRICS_EOF, Encoder, FamilyEncoder
 from .federation import (
     FederationCollector,
     FederationRenderer,
+    PageDrops,
     PageRelabeler,
     ScrapeResult,
     ScrapeTarget,
@@ -73,6 +82,35 @@ from .waits import wait_event
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
+#: Seconds a connection may sit idle, or take to send its request, before it is closed.
+#: Scrapers and load balancers send at once; an idle connection only holds a descriptor.
+IDLE_TIMEOUT = 5.0
+#: File descriptors the exporter leaves to the rest of citadeld besides the control
+#: socket's clients: workers' spawns (pipes, pidfds, cgroup files), their log files,
+#: the state and health files, and the probes' and scrapes' outgoing connections.
+FD_RESERVE = 128
+#: The exporter's connection cap, whatever the limit: a handful is enough for scrapers.
+MIN_CONNECTIONS, MAX_CONNECTIONS = 4, 512
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open now."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def connection_cap(nofile: int, in_use: int, reserve: int) -> int:
+    """How many connections the exporter may hold: half of what ``nofile`` (the soft
+    RLIMIT_NOFILE) leaves after the descriptors ``in_use`` and the ``reserve`` (half, as
+    a /metrics request may open an outgoing connection per worker it scrapes)."""
+    if nofile == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    spare = (nofile - in_use - reserve) // 2
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, spare))
+
+
 def _is_loopback(remote: str | None) -> bool:
     """True for a peer on this host (127.0.0.0/8, ::1, or IPv4-mapped loopback)."""
     try:
@@ -95,10 +133,13 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
 class Exporter:
     """The listener, the loop-lag monitor, and the health checks with their file."""
 
-    def __init__(self, daemon: Any, session: aiohttp.ClientSession, gpus: Any = None):
+    def __init__(self, daemon: Any, session: aiohttp.ClientSession, gpus: Any = None,
+                 control_connections: int = 64):
         """``daemon``: the running ``Daemon``; ``session``: its one HTTP client session;
-        ``gpus``: its ``GpuInventory``, or None on a host without GPUs."""
+        ``gpus``: its ``GpuInventory``, or None on a host without GPUs;
+        ``control_connections``: the control socket's cap, whose descriptors are kept free."""
         self.daemon = daemon
+        self.control_connections = control_connections
         self.config = daemon.config.exporter
         self.session = session
         self.startup = StartupHistogram()
@@ -109,6 +150,7 @@ class Exporter:
         self.health_file = HealthFile(daemon.config.daemon.state_dir / "health.json")
         self.plugin_collectors: list[Any] = []
         self.relabelers: dict[tuple[str, str], PageRelabeler] = {}
+        self.page_drops = PageDrops()
         self._own_encoder = FamilyEncoder()
         self._federation = FederationRenderer()
         self._local_encoder = FamilyEncoder()
@@ -142,10 +184,18 @@ class Exporter:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/health", self.health)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                     keepalive_timeout=IDLE_TIMEOUT)
         await self._runner.setup()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        in_use = open_fds()
+        cap = connection_cap(nofile, in_use, FD_RESERVE + self.control_connections)
+
+        def gate(server: web.Server) -> ConnectionGate:
+            return ConnectionGate(server, "citadeld's exporter", cap, content_type="text/plain")
+
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            await CappedTCPSite(self._runner, host, port, gate).start()
         except OSError as exc:
             # The workers matter more than their metrics: run on, and say so loudly.
             logger.error("exporter.listen {}: cannot listen ({}); no /metrics, /healthz or /readyz "
@@ -156,6 +206,9 @@ class Exporter:
         self.address = (host, port)
         logger.info("exporter listening on http://{}:{} (/metrics, /healthz, /readyz, /health)",
                     host or "*", port)
+        logger.info("exporter: at most {} connections (RLIMIT_NOFILE {}, {} descriptors open, {} kept "
+                    "for the control socket and workers); idle ones closed after {:g}s",
+                    cap, nofile, in_use, FD_RESERVE + self.control_connections, IDLE_TIMEOUT)
 
     async def close(self) -> None:
         """Stop listening and stop the monitors."""
@@ -248,9 +301,7 @@ class Exporter:
         # cgroups lists all its processes; a wedged GPU can hang NVML) while the
         # workers' pages are fetched and relabelled, on the loop, as they arrive.
         local = asyncio.ensure_future(asyncio.to_thread(self._encode_local, workers, encoder))
-        targets = [ScrapeTarget(w.service, w.worker, w.metrics_url if w.proc is not None else None)
-                   for w in workers if w.metrics_url]
-        results = await scrape_all(self.session, targets, self.config.scrape_timeout, self.relabelers)
+        results = await self.scrape_workers(workers)
         body = self.render(self._collect_supervisor(workers), await local, results, encoder,
                            content_type.startswith("application/openmetrics-text"))
         headers = {"Content-Type": content_type}
@@ -267,6 +318,17 @@ class Exporter:
         return mode == "always" or not _is_loopback(request.remote)
 
     # -- collecting -----------------------------------------------------------
+
+    async def scrape_workers(self, workers: list[WorkerSnapshot]) -> list[ScrapeResult]:
+        """Fetch and relabel every worker's own page; count the pages dropped."""
+        targets = [ScrapeTarget(w.service, w.worker, w.metrics_url if w.proc is not None else None)
+                   for w in workers if w.metrics_url]
+        results = await scrape_all(self.session, targets, self.config.scrape_timeout, self.relabelers)
+        self.page_drops.count(results)
+        for result in results:
+            if result.dropped is not None:
+                logger.debug("federation: {}'s page dropped ({})", result.target.worker, result.dropped)
+        return results
 
     def _collect_supervisor(self, workers: list[WorkerSnapshot]) -> list[Metric]:
         """The supervisor's families (on the loop: they read its live state)."""
@@ -297,6 +359,7 @@ class Exporter:
         About 2 ms of CPU for eight changing vLLM pages: on the loop, as a thread
         would cost more in handing the GIL back and forth than it spares the loop.
         """
-        head = self._own_encoder.encode(own + collect_safely([FederationCollector(results)]), encoder)
+        head = self._own_encoder.encode(
+            own + collect_safely([FederationCollector(results, self.page_drops)]), encoder)
         return b"".join((head, local, self._federation.render([result.page for result in results], openmetrics),
                          OPENMETRICS_EOF if openmetrics else b""))

@@ -71,7 +71,7 @@ class HttpProbe:
                     body = await resp.text(errors="replace")
                     if self.config.expect_body not in body:
                         ok, detail = False, f"HTTP {resp.status}, body lacks {self.config.expect_body!r}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ok, detail = False, f"timed out after {self.config.timeout:g}s"
         except aiohttp.ClientError as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
@@ -126,6 +126,65 @@ class ExecProbe:
 
 
 BUILTIN_KINDS: dict[str, ProbeFactory] = {"http": HttpProbe, "tcp": TcpProbe, "exec": ExecProbe}
+
+
+class BrokenProbe:
+    """Stands in for a probe that could not be built: every check fails, saying why.
+
+    A worker's probes are built as it starts; one that raised there would end
+    the worker's lifecycle task with the process still running, and citadeld's
+    exit would wait for that worker for good. Failing checks instead take the
+    ordinary path: a liveness probe restarts the worker, a startup probe times out.
+    """
+
+    def __init__(self, detail: str):
+        self.detail = detail
+
+    async def check(self) -> ProbeResult:
+        """Fail, with the reason it could not be built."""
+        return ProbeResult(False, self.detail, 0.0)
+
+
+class GuardedProbe:
+    """A probe whose failures, whatever it raises, are failed checks (see ``BrokenProbe``)."""
+
+    def __init__(self, kind: str, probe: Probe):
+        self.kind = kind
+        self.probe = probe
+
+    async def check(self) -> ProbeResult:
+        """Run the probe's check; an exception is a failure naming it."""
+        try:
+            return await self.probe.check()
+        except Exception as exc:  # noqa: BLE001  (a plugin's probe must not end the worker's task)
+            return ProbeResult(False, f"the {self.kind} probe raised {type(exc).__name__}: {exc}", 0.0)
+
+
+def guarded_factory(kind: str, factory: ProbeFactory | None) -> ProbeFactory:
+    """``factory``, made unable to raise: what fails to build is a ``BrokenProbe``."""
+    def build(config: ProbeConfig, worker: WorkerInfo, session: aiohttp.ClientSession) -> Probe:
+        if factory is None:
+            return BrokenProbe(f"no probe kind {kind!r} (a plugin may be missing)")
+        try:
+            return GuardedProbe(kind, factory(config, worker, session))
+        except Exception as exc:  # noqa: BLE001  (see BrokenProbe)
+            return BrokenProbe(f"the {kind} probe could not be built: {type(exc).__name__}: {exc}")
+
+    return build
+
+
+class ProbeKinds(dict[str, ProbeFactory]):
+    """``{kind: factory}`` whose ``get`` and ``[]`` give factories that cannot raise,
+    for every kind: an unknown one (a plugin gone since the config was checked)
+    builds a ``BrokenProbe``."""
+
+    def __getitem__(self, kind: str) -> ProbeFactory:
+        """The kind's guarded factory."""
+        return guarded_factory(kind, super().get(kind))
+
+    def get(self, kind: str, default: Any = None) -> ProbeFactory:  # type: ignore[override]
+        """The kind's guarded factory, known or not (``default`` is ignored)."""
+        return self[kind]
 
 
 class ProbeRunner:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class CheckResult:
             "componentType": self.component_type,
             "observedValue": self.observed_value,
             "status": self.status,
-            "time": datetime.fromtimestamp(self.time, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(self.time, UTC).isoformat().replace("+00:00", "Z"),
         }
         if self.observed_unit is not None:
             out["observedUnit"] = self.observed_unit

@@ -26,11 +26,13 @@ FORMATS = ("auto", "console", "journal", "json")
 
 # syslog priorities, which journald reads from a "<N>" prefix.
 _PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# C0 but tab, DEL, and C1 (U+009B is a CSI to some terminals, as ESC [ is).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def escape_control(text: str) -> str:
-    """Escape control characters (newlines included), so one line stays one line."""
+    """Escape control characters (newlines included), so one line stays one line and
+    a worker's output cannot drive the terminal that shows it (colours, cursor, title)."""
     if not _CONTROL_RE.search(text):
         return text
     return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)

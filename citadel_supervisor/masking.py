@@ -11,6 +11,7 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from urllib.parse import quote, quote_plus
 
 MASK = "****"
 
@@ -72,6 +73,9 @@ class SecretMasker:
         self._secrets: set[str] = set()
         self._literal_re: re.Pattern[str] | None = None
         self._literal_re_b: re.Pattern[bytes] | None = None
+        self._ordered: tuple[str, ...] = ()
+        #: The byte length of the longest spelling of any secret (0 when none).
+        self.longest = 0
         self._patterns = [(re.compile(p), r) for p, r in _PATTERNS]
         self._patterns_b = [(re.compile(p.encode()), r.encode()) for p, r in _PATTERNS]
         # The case-insensitive patterns, made case-sensitive to run on a lower-cased
@@ -91,9 +95,7 @@ class SecretMasker:
         """Mask this exact value from now on (short values are ignored)."""
         if not value or len(value) < _MIN_SECRET_LEN:
             return
-        # JSON lines and API answers escape quotes, backslashes, control and
-        # non-ASCII characters: mask the value in those spellings too.
-        spellings = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+        spellings = _spellings(value)
         with self._lock:
             if spellings <= self._secrets:
                 return
@@ -118,6 +120,8 @@ class SecretMasker:
     def _compile(self) -> None:
         # Longest first, so a secret that contains another is masked whole.
         ordered = sorted(self._secrets, key=len, reverse=True)
+        self._ordered = tuple(ordered)
+        self.longest = max((len(s.encode()) for s in ordered), default=0)
         if not ordered:
             self._literal_re = self._literal_re_b = None
             return
@@ -135,6 +139,38 @@ class SecretMasker:
             if any(h in lower for h in hints):
                 text = pattern.sub(repl, text)
         return text
+
+    def mask_secrets(self, text: str) -> str:
+        """``text`` with the registered secrets masked, and nothing else (no patterns).
+
+        Cheap when none occurs (one substring search per spelling), for large
+        texts that seldom hold one: the workers' ``/metrics`` pages.
+        """
+        literal = self._literal_re
+        if literal is None or not any(secret in text for secret in self._ordered):
+            return text
+        return literal.sub(MASK, text)
+
+    def cut_point(self, data: bytes, at: int) -> int:
+        """``at``, or a later offset, such that no registered secret in ``data`` spans it.
+
+        Worker output is cut into pieces of at most 64 KiB: a secret cut in two
+        would be masked in neither piece. A secret that spans ``at`` lies whole
+        in ``data`` when ``data`` holds at least ``longest`` bytes past ``at``.
+        """
+        literal = self._literal_re_b
+        if literal is None:
+            return at
+        moved = True
+        while moved:  # overlapping secrets: a match may end inside the next one
+            moved = False
+            for match in literal.finditer(data, max(0, at - self.longest)):
+                if match.start() >= at:
+                    break
+                if match.end() > at:
+                    at, moved = match.end(), True
+                    break
+        return at
 
     def mask_bytes(self, data: bytes) -> bytes:
         """Like ``mask``, on raw bytes (worker output), without decoding."""
@@ -154,6 +190,24 @@ class SecretMasker:
                 data = _replace_spans(data, spans)
                 lower = data.lower()
         return data
+
+
+def _spellings(value: str) -> set[str]:
+    """``value`` as worker output and answers may spell it.
+
+    JSON lines and API answers escape quotes, backslashes, control and
+    non-ASCII characters; URLs and form bodies percent-encode (``%2F``,
+    ``%2B``, ``%3D``: a token in a query string or a logged request URL), in
+    upper- or lower-case hex, with ``/`` kept or not, and ``+`` for spaces.
+    """
+    spellings = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    for encoded in (quote(value, safe=""), quote(value), quote_plus(value, safe="")):
+        spellings.add(encoded)
+        spellings.add(_PERCENT.sub(lambda m: m.group(0).lower(), encoded))
+    return spellings
+
+
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 def _spans(patterns: list[re.Pattern[bytes]], lower: bytes) -> list[tuple[int, int]]:

@@ -2,8 +2,8 @@
 
 Each worker's stdout and stderr are read by the event loop as they become
 readable, in chunks, never line by line, so a worker writing as fast as it
-can costs the loop a few short callbacks per 64 KiB. Every complete line is
-masked, appended to ``log_dir/NAME.log`` (rotated by size, by one writer
+can costs the loop a few short callbacks per 64 KiB. Every complete line (a
+longer one is cut, never through a secret) is masked, appended to ``log_dir/NAME.log`` (rotated by size, by one writer
 thread, so a rename or a slow disk never stalls the loop), kept in a ring
 of recent lines, and forwarded to the daemon's log at a bounded rate; the
 lines over the rate are counted and reported as "N lines suppressed".
@@ -12,7 +12,9 @@ lines over the rate are counted and reported as "N lines suppressed".
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -53,7 +55,7 @@ class RotatingFile:
 
     def _open(self) -> int:
         if self._fh is None:
-            self._fh = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._fh = _open_log(self.path)
             self._size = os.fstat(self._fh).st_size
         return self._fh
 
@@ -84,7 +86,12 @@ class RotatingFile:
     def _rotate(self) -> None:
         self.close()
         if self.backups == 0:
-            os.truncate(self.path, 0)
+            # Through a descriptor opened as the file is: truncate() follows a symlink.
+            fd = _open_log(self.path)
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
             return
         for i in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
@@ -100,6 +107,26 @@ class RotatingFile:
             except OSError:
                 pass
             self._fh = None
+
+
+def _open_log(path: Path) -> int:
+    """Open a worker's log file to append, refusing a symlink or anything not a regular file.
+
+    A worker may write in the log directory (or share the daemon's uid): had it
+    put a symlink or a FIFO where its log file goes, citadeld would append its
+    output to whatever file the link names, or block on the FIFO. Raises
+    ``OSError`` (the lines are then counted as dropped).
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o640)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _lines_within(data: bytes, room: int) -> bytes:
@@ -189,10 +216,22 @@ class WorkerOutput:
             if len(buf) < _MAX_LINE:
                 self._partial[fd] = buf
                 return
-            buf += b"\n"
-            cut = len(buf) - 1
+            self._cut_endless_line(fd, buf)
+            return
         self._partial[fd] = buf[cut + 1:]
         self._take(buf[: cut + 1])
+
+    def _cut_endless_line(self, fd: int, buf: bytes) -> None:
+        """Pass on the start of a line longer than ``_MAX_LINE``, never cutting through a secret.
+
+        The last ``masker.longest`` bytes wait for the next read: they may be the
+        start of a secret whose end has not arrived yet. A secret spanning the
+        cut lies whole in ``buf``, and the cut moves past it.
+        """
+        keep = min(masker.longest, _MAX_LINE // 2)
+        at = masker.cut_point(buf, len(buf) - keep)
+        self._partial[fd] = buf[at:]
+        self._take(buf[:at] + b"\n")
 
     def _close_fd(self, fd: int) -> None:
         asyncio.get_running_loop().remove_reader(fd)

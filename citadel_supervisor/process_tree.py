@@ -2,6 +2,11 @@
 
 Its tree is its cgroup where it has one; otherwise its process group, every
 descendant of its leader, and every orphan that carries its tag.
+
+A pid is only a name that the kernel gives again once its process is gone, so
+a member is signalled through a pidfd opened before its start time is checked
+again (``signal_process``), and the process group only while the leader is
+unreaped (until then no other process can get its pid, the group's id).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +71,9 @@ class ProcessTree:
         self.started = time.time()
         self.create_time = _create_time(self.pid)
         self.status: ExitStatus | None = None
+        #: pid -> start ticks of the members found last time: proof, while such a process
+        #: lives, that its pid and group id are still this tree's after the leader is reaped.
+        self._known: dict[int, int] = {}
         self._exited = asyncio.get_running_loop().create_future()
         self._pidfd = os.pidfd_open(self.pid)
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
@@ -125,53 +134,61 @@ class ProcessTree:
             return {pid: stat for pid, stat in found.items() if stat is not None and not stat.zombie}
         if table is None:
             table = process_table()
-        tree = {pid for pid, stat in table.items() if stat.pgid == self.pid}
-        tree.add(self.pid)
-        by_parent: dict[int, list[int]] = {}
-        for pid, stat in table.items():
-            by_parent.setdefault(stat.ppid, []).append(pid)
-        stack = [self.pid]
-        while stack:  # the leader's descendants, whichever group or session they moved to
-            for child in by_parent.get(stack.pop(), []):
-                if child not in tree:
-                    tree.add(child)
-                    stack.append(child)
+        roots = self._anchors(table)
+        if self._holds_group(roots, table):
+            roots |= {pid for pid, stat in table.items() if stat.pgid == self.pid}
+        roots |= self._tagged_orphans() & table.keys()
+        tree = _with_descendants(roots, table)
         tree.discard(os.getpid())
-        tree.update(self._tagged_orphans())
-        return {pid: table[pid] for pid in tree if pid in table and not table[pid].zombie}
+        members = {pid: table[pid] for pid in tree if not table[pid].zombie}
+        self._known = {pid: stat.start_ticks for pid, stat in members.items()}  # one store: read by threads
+        return members
+
+    def _anchors(self, table: dict[int, ProcStat]) -> set[int]:
+        """The processes known to be this tree's: the unreaped leader, and earlier members
+        whose pid still has the same start time."""
+        known = self._known
+        anchors = {pid for pid, stat in table.items() if known.get(pid) == stat.start_ticks}
+        if self.leader_alive and self.pid in table:
+            anchors.add(self.pid)  # unreaped: its pid cannot have been given to another process
+        return anchors
+
+    def _holds_group(self, anchors: set[int], table: dict[int, ProcStat]) -> bool:
+        """True while the group id (the leader's pid) is this tree's.
+
+        A group id stays taken while the group has a member; once the leader is
+        reaped and its group empty, a stranger may get the pid and lead a group of that id.
+        """
+        return self.leader_alive or any(table[pid].pgid == self.pid for pid in anchors)
 
     def _tagged_orphans(self) -> set[int]:
+        """citadeld's children that carry this tree's spawn id (orphans reparented to it)."""
         tagged = set()
         for pid in own_children():
             if pid in children.pids:
                 continue
             try:
-                child = psutil.Process(pid)
-            except psutil.Error:
-                continue
-            try:
-                if child.environ().get(SPAWN_ID_ENV) == self.spawn_id:
-                    tagged.add(child.pid)
-                    tagged.update(c.pid for c in child.children(recursive=True))
+                if psutil.Process(pid).environ().get(SPAWN_ID_ENV) == self.spawn_id:
+                    tagged.add(pid)
             except psutil.Error:
                 continue
         return tagged
 
     def signal_tree(self, sig: int) -> int:
         """Send ``sig`` to every process of the tree; how many were signalled."""
-        members = self.members()
+        members = self.member_stats()
         if sig == signal.SIGKILL and self.cgroup is not None:
             cgroups.kill(self.cgroup)
             return len(members)
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in members:
+        if self.leader_alive:
+            # Reaches the ones forked since the listing; safe only while the leader is
+            # unreaped, so that the group id cannot be a stranger's.
             try:
-                os.kill(pid, sig)
+                os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
-                pass
+                pass  # each member is tried below, and refusals logged
+        for pid, stat in members.items():
+            signal_process(pid, stat.start_ticks, sig)
         return len(members)
 
     async def stop(self, sig: int, timeout: float) -> bool:
@@ -201,18 +218,15 @@ class ProcessTree:
         seen = self.members()
         while True:
             children.reap_orphans()
-            members = self.members()
+            members = self.member_stats()
             if not members and not self.leader_alive:
                 return True
             if not members and self.leader_alive:
                 # Reaped by nobody yet: give the pidfd callback a turn.
                 await asyncio.sleep(0)
-            new = members - seen
+            new = members.keys() - seen
             for pid in new:  # forked after the signal: they get it too
-                try:
-                    os.kill(pid, resignal)
-                except ProcessLookupError:
-                    pass
+                signal_process(pid, members[pid].start_ticks, resignal)
             seen |= new
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -223,6 +237,74 @@ class ProcessTree:
     def _cleanup_cgroup(self) -> None:
         if self.cgroup is not None:
             cgroups.remove(self.cgroup)
+
+
+def _with_descendants(roots: set[int], table: dict[int, ProcStat]) -> set[int]:
+    """``roots`` and every descendant of theirs in ``table``, whichever group or session it is in."""
+    by_parent: dict[int, list[int]] = {}
+    for pid, stat in table.items():
+        by_parent.setdefault(stat.ppid, []).append(pid)
+    tree = set(roots)
+    stack = list(roots)
+    while stack:
+        for child in by_parent.get(stack.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                stack.append(child)
+    return tree
+
+
+def open_pidfd(pid: int, is_same: Callable[[], bool]) -> int | None:
+    """A pidfd for the process that has ``pid`` now, if ``is_same()`` says it is the one meant.
+
+    The pidfd is opened first and the process checked after: if the check passes,
+    the pidfd is that process's, and stays so however soon the pid is given again
+    (it then signals nobody). None when the process is gone or is another one.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # ESRCH: gone; EINVAL: not a pid
+        return None
+    try:
+        same = is_same()
+    except (OSError, psutil.Error):
+        same = False
+    if not same:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def send_signal(pidfd: int, sig: int, pid: int) -> bool:
+    """Send ``sig`` through ``pidfd`` (the process of ``pid``); False when it is gone or refused.
+
+    A refusal (a member that became another user, which citadeld without
+    CAP_KILL may not signal) is logged, never raised: stopping goes on.
+    """
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        logger.warning("cannot send {} to pid {}: permission denied (a process of another user?)",
+                       signal.Signals(sig).name, pid)
+        return False
+
+
+def signal_process(pid: int, start_ticks: int, sig: int) -> bool:
+    """Send ``sig`` to the process ``pid`` if it is still the one started at ``start_ticks``."""
+    def is_same() -> bool:
+        stat = read_stat(pid)
+        return stat is not None and stat.start_ticks == start_ticks
+
+    pidfd = open_pidfd(pid, is_same)
+    if pidfd is None:
+        return False
+    try:
+        return send_signal(pidfd, sig, pid)
+    finally:
+        os.close(pidfd)
 
 
 def _create_time(pid: int) -> float:

@@ -26,6 +26,9 @@ class ProcStat:
     cpu_seconds: float
     threads: int
     resident_bytes: int
+    #: Clock ticks from boot to the process's start: with the pid, what tells it
+    #: from a later process given the same pid.
+    start_ticks: int = 0
 
 
 def parse_stat(data: bytes) -> ProcStat:
@@ -38,6 +41,7 @@ def parse_stat(data: bytes) -> ProcStat:
         cpu_seconds=(int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND,
         threads=int(fields[17]),
         resident_bytes=int(fields[21]) * _PAGE_SIZE,
+        start_ticks=int(fields[19]),
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -35,7 +37,8 @@ CITADELCTL = str(BIN / "citadelctl")
 class RunningDaemon:
     """A citadeld subprocess on a config in a temp folder."""
 
-    def __init__(self, root: Path, config_text: str, env: dict[str, str] | None = None):
+    def __init__(self, root: Path, config_text: str, env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None):
         self.root = root
         self.config = root / "citadeld.toml"
         self.socket = root / "run" / "control.sock"
@@ -43,6 +46,8 @@ class RunningDaemon:
         self.env = {**os.environ, **(env or {})}
         self.write_config(config_text)
         self.proc: subprocess.Popen[bytes] | None = None
+        #: An argv that execs citadeld's, e.g. ``["prlimit", "--nofile=256", "--"]``.
+        self.wrapper = wrapper or []
 
     def write_config(self, services_text: str) -> None:
         """Write the config: a [daemon] table pointing into ``root``, then ``services_text``."""
@@ -62,7 +67,8 @@ class RunningDaemon:
     def start(self, wait: bool = True) -> RunningDaemon:
         """Start citadeld and wait until its socket answers."""
         self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([CITADELD, "--config", str(self.config), "--log-format", "json"],
+        self.proc = subprocess.Popen([*self.wrapper, CITADELD, "--config", str(self.config),
+                                      "--log-format", "json"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             deadline = time.monotonic() + 20
@@ -82,7 +88,7 @@ class RunningDaemon:
     def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run citadelctl against this daemon."""
         result = subprocess.run([CITADELCTL, "--socket", str(self.socket), *args],
-                                capture_output=True, text=True, timeout=timeout, env=self.env)
+                                check=False, capture_output=True, text=True, timeout=timeout, env=self.env)
         if check and result.returncode != 0:
             raise AssertionError(f"citadelctl {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stdout}\n{result.stderr}")
@@ -216,3 +222,54 @@ def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
             return []
         time.sleep(0.05)
     return [p for p in pids if not process_gone(p)]
+
+
+class Accounts:
+    """Groups and users made for one test run, removed afterwards (tests run as root)."""
+
+    def __init__(self) -> None:
+        self.groups: list[str] = []
+        self.users: list[str] = []
+
+    def group(self, name: str) -> int:
+        """Create a group; its gid."""
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return grp.getgrnam(name).gr_gid
+
+    def user(self, name: str, groups: list[str]) -> pwd.struct_passwd:
+        """Create a user without a home, in ``groups``."""
+        argv = ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name]
+        if groups:
+            argv[1:1] = ["-G", ",".join(groups)]
+        subprocess.run(argv, check=True, capture_output=True)
+        self.users.append(name)
+        return pwd.getpwnam(name)
+
+    def remove(self) -> None:
+        """Delete every user and group made."""
+        for name in self.users:
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def drop_to(user: pwd.struct_passwd) -> None:
+    """In a forked child: become ``user``, with its gid and supplementary groups."""
+    os.setgroups([g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+
+
+class GuardedDaemon(RunningDaemon):
+    """A RunningDaemon whose [daemon] table sets the socket's group and the allowed groups."""
+
+    def __init__(self, root: Path, services: str, access: str, env: dict[str, str] | None = None):
+        self.access = access
+        super().__init__(root, services, env)
+
+    def write_config(self, services_text: str) -> None:
+        """The usual config, with ``access`` in place of the empty socket_group."""
+        super().write_config(services_text)
+        text = self.config.read_text().replace('socket_group = ""\n', self.access)
+        self.config.write_text(text)

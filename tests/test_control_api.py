@@ -242,7 +242,11 @@ def test_a_stale_socket_is_replaced(daemon_factory: Any) -> None:
 
 def test_a_live_socket_means_the_second_citadeld_refuses(daemon: RunningDaemon) -> None:
     pids = {name: w["pid"] for name, w in daemon.status().items()}
-    second = subprocess.run([CITADELD, "--config", str(daemon.config)], check=False, capture_output=True,
+    # Another state_dir, so that the lock (test_lockout.py) lets it reach the socket check.
+    config = daemon.root / "second.toml"
+    config.write_text(daemon.config.read_text().replace(f'state_dir = "{daemon.root / "run"}"',
+                                                        f'state_dir = "{daemon.root / "run2"}"'))
+    second = subprocess.run([CITADELD, "--config", str(config)], check=False, capture_output=True,
                             text=True, timeout=30)
     assert second.returncode != 0
     assert "another citadeld is running" in second.stderr

@@ -8,21 +8,19 @@ control and one read, then forks children that ``setgroups``/``setgid``/
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
 import secrets
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunningDaemon
+from conftest import Accounts, GuardedDaemon, RunningDaemon, drop_to
 
 from citadel_supervisor.control.client import ControlClient
 
@@ -33,44 +31,14 @@ TAG = secrets.token_hex(3)
 WORKER = f"guarded-{TAG}"
 
 
-class Accounts:
-    """Groups and users made for one test run, removed afterwards."""
-
-    def __init__(self) -> None:
-        self.groups: list[str] = []
-        self.users: list[str] = []
-
-    def group(self, name: str) -> int:
-        subprocess.run(["groupadd", name], check=True, capture_output=True)
-        self.groups.append(name)
-        return grp.getgrnam(name).gr_gid
-
-    def user(self, name: str, groups: list[str]) -> pwd.struct_passwd:
-        argv = ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name]
-        if groups:
-            argv[1:1] = ["-G", ",".join(groups)]
-        subprocess.run(argv, check=True, capture_output=True)
-        self.users.append(name)
-        return pwd.getpwnam(name)
-
-    def remove(self) -> None:
-        for name in self.users:
-            subprocess.run(["userdel", name], check=False, capture_output=True)
-        for name in self.groups:
-            subprocess.run(["groupdel", name], check=False, capture_output=True)
-
-
 def as_user(user: pwd.struct_passwd, calls: Callable[[], Any]) -> Any:
     """Run ``calls()`` in a forked child with the user's uid, gid and groups; its JSON result."""
-    groups = [g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem]
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop to the user, call, report, and leave without pytest's cleanup
         try:
             os.close(read_fd)
-            os.setgroups(groups)
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
+            drop_to(user)
             result = {"ok": calls()}
         except BaseException as exc:  # noqa: BLE001  (everything goes back to the parent)
             result = {"error": f"{type(exc).__name__}: {exc}",
@@ -83,19 +51,6 @@ def as_user(user: pwd.struct_passwd, calls: Callable[[], Any]) -> Any:
         raw = src.read()
     os.waitpid(pid, 0)
     return json.loads(raw)
-
-
-class GuardedDaemon(RunningDaemon):
-    """A RunningDaemon whose [daemon] table sets the socket's group and the allowed groups."""
-
-    def __init__(self, root: Path, services: str, access: str):
-        self.access = access
-        super().__init__(root, services)
-
-    def write_config(self, services_text: str) -> None:
-        super().write_config(services_text)
-        text = self.config.read_text().replace('socket_group = ""\n', self.access)
-        self.config.write_text(text)
 
 
 @pytest.fixture(scope="module")

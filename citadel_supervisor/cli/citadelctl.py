@@ -346,9 +346,12 @@ def logs(ctl: Ctl, name: str, lines: int, follow: bool) -> None:
     """Show a worker's recent output (from its in-memory ring)."""
     from urllib.parse import quote
 
+    from ..logs import escape_control
+
     try:
         for line in ctl.stream(f"/logs/{quote(name, safe='')}?n={lines}&follow={int(follow)}"):
-            click.echo(_mask(line))
+            # A worker's output is hostile: its escape sequences must not reach the terminal.
+            click.echo(escape_control(_mask(line)))
     except KeyboardInterrupt:
         pass
 

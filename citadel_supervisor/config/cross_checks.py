@@ -1,8 +1,9 @@
-"""Checks across services: ``after`` names and cycles, port clashes."""
+"""Checks across services (``after`` names and cycles, port clashes), and of the
+names only the loaded plugins know (probe kinds)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from .errors import ConfigIssue, did_you_mean, format_path
@@ -46,6 +47,27 @@ def _cross_check(
                                           f"port {port} of {owner} is also used by {ports[port]}"))
             else:
                 ports[port] = owner
+    return issues
+
+
+def check_probe_kinds(
+    services: Mapping[str, ServiceConfig],
+    kinds: Collection[str],
+    sources: Callable[[tuple[object, ...]], Path | None],
+) -> list[ConfigIssue]:
+    """Every probe whose kind is none of ``kinds`` (built-in, and the plugins' own)."""
+    issues: list[ConfigIssue] = []
+    known = ", ".join(sorted(kinds))
+    for name, service in services.items():
+        for role in ("startup", "liveness", "readiness"):
+            probe = getattr(service.probes, role)
+            if probe is None or probe.kind in kinds:
+                continue
+            loc: tuple[object, ...] = ("services", name, "probes", role, "kind")
+            issues.append(ConfigIssue(
+                sources(loc), format_path(loc),
+                f"no probe kind {probe.kind!r}{did_you_mean(probe.kind, kinds)}; known kinds: {known} "
+                "(a plugin adds others through citadel_probe_kinds)"))
     return issues
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..interpolation import InterpolationError, Interpolator, read_env_file
 from ..masking import SecretMasker, is_secret_name
-from .cross_checks import _cross_check
+from .cross_checks import _cross_check, check_probe_kinds
 from .errors import ConfigError, ConfigIssue, did_you_mean, format_path
 from .models import CitadelConfig, ServiceConfig
 from .sources import _interpolate, _merge, _read_toml, _resolve_path, _Sources
@@ -36,13 +36,16 @@ def load_config(
     service_types: ServiceModels,
     plugin_sections: SectionModels | None = None,
     environ: Mapping[str, str] | None = None,
+    probe_kinds: Collection[str] | None = None,
 ) -> CitadelConfig:
     """Read, merge, interpolate and validate a config; raise ``ConfigError`` listing every issue.
 
     ``service_types`` maps each ``type = "..."`` to its config model (from the
     plugins' ``citadel_service_types`` hook); ``plugin_sections`` maps a
-    ``[plugin.NAME]`` section to its model. Relative paths are taken from the
-    main file's folder.
+    ``[plugin.NAME]`` section to its model. ``probe_kinds``, when given, are
+    the kinds a probe may have (built-in and the plugins'
+    ``citadel_probe_kinds``); others are errors. Relative paths are taken from
+    the main file's folder.
     """
     main = Path(path).resolve() if Path(path).exists() else Path(path)
     base_dir = main.parent
@@ -109,6 +112,8 @@ def load_config(
     # Checks across services run on those that validated, so that one run
     # reports every problem; a service that failed is still a known name.
     issues.extend(_cross_check(services, set(raw_services), sources))
+    if probe_kinds is not None:
+        issues.extend(check_probe_kinds(services, probe_kinds, sources))
     if top is None or issues:
         raise ConfigError(_masked(issues, interp.secrets))
 

@@ -6,18 +6,13 @@ issue names the file that set the key.
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..interpolation import InterpolationError, Interpolator
 from .errors import ConfigIssue, format_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class _Sources:

@@ -23,6 +23,8 @@ from .responses import BadRequestError, error_response
 ACCESS_KEY = web.AppKey("access", AccessPolicy)
 #: How many requests may be in handlers at once; the rest are answered 503.
 MAX_REQUESTS_KEY = web.AppKey("max_requests", int)
+#: How many of them may be callers without control access (the rest wait for root).
+MAX_READ_REQUESTS_KEY = web.AppKey("max_read_requests", int)
 ACTIVE_KEY = web.AppKey("active_requests", dict)
 
 _READ_METHODS = ("GET", "HEAD")
@@ -64,6 +66,10 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
     active = request.app[ACTIVE_KEY]
     if active["n"] >= request.app[MAX_REQUESTS_KEY]:
         return error_response(503, "too many concurrent requests; try again")
+    if access != "control" and active["read"] >= request.app[MAX_READ_REQUESTS_KEY]:
+        return error_response(503, "too many concurrent read-only requests; try again")
+    kind = "control" if access == "control" else "read"
+    active[kind] += 1
     active["n"] += 1
     try:
         return await handler(request)
@@ -80,3 +86,4 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(500, masker.mask(f"internal error: {type(exc).__name__}: {exc}"))
     finally:
         active["n"] -= 1
+        active[kind] -= 1

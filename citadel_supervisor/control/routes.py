@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -30,6 +30,14 @@ DAEMON_KEY = web.AppKey("daemon", object)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+T = TypeVar("T")
+
+#: Seconds between checks, while a follow waits for news, that its caller is still there.
+#: aiohttp does not cancel a handler whose caller hung up, and a quiet worker gives its
+#: followers nothing to write (whose failure would tell): without the check, a dropped
+#: follow would hold its request slot until citadeld restarts.
+GONE_CHECK_PERIOD = 0.5
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,25 @@ async def plugins(request: web.Request) -> web.Response:
     return json_response({"plugins": [r.to_json() for r in _daemon(request).plugins.records.values()]})
 
 
+def caller_gone(request: web.Request) -> bool:
+    """True once the caller's connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def next_or_gone(request: web.Request, queue: asyncio.Queue[T]) -> T:
+    """The queue's next item; ``ConnectionResetError`` as soon as the caller has hung up."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        while not caller_gone(request):
+            done, _ = await asyncio.wait({getter}, timeout=GONE_CHECK_PERIOD)
+            if done:
+                return getter.result()
+        raise ConnectionResetError("the caller hung up")
+    finally:
+        getter.cancel()
+
+
 def _lines_wanted(request: web.Request) -> int:
     raw = request.query.get("n", "100")
     try:
@@ -176,7 +203,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     try:
         await resp.write(masker.mask("".join(line + "\n" for line in output.recent(n))).encode())
         while queue is not None:
-            line = await queue.get()
+            line = await next_or_gone(request, queue)
             if line is None:
                 break
             await resp.write(masker.mask(line + "\n").encode())
@@ -200,7 +227,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             lines = [json.dumps({"kind": "snapshot", **w}) + "\n" for w in daemon.supervisor.status()]
             await resp.write(masker.mask("".join(lines)).encode())
         while follow:
-            event = await queue.get()
+            event = await next_or_gone(request, queue)
             await resp.write(masker.mask(json.dumps(event.to_json()) + "\n").encode())
     except (ConnectionResetError, asyncio.CancelledError):
         pass

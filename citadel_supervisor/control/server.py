@@ -6,12 +6,12 @@ works. The routes are in ``routes``, the access checks in ``guard``.
 
 from __future__ import annotations
 
-import asyncio
+import errno
 import grp
-import json
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +21,9 @@ from loguru import logger
 
 from ..waits import within
 from . import API_PREFIX
-from .access import AccessPolicy
-from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_REQUESTS_KEY, guard
+from .access import AccessPolicy, Peer
+from .admission import CappedSockSite, ConnectionGate
+from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_READ_REQUESTS_KEY, MAX_REQUESTS_KEY, guard
 from .responses import error_response, json_response
 from .routes import BODY_TIMEOUT_KEY, DAEMON_KEY, ROUTES, ROUTES_KEY, extra_route
 
@@ -46,17 +47,37 @@ class ControlLimits:
     an idle or stalled connection is closed after it. ``max_connections``:
     open connections; one more is answered 503 and closed. ``max_requests``:
     requests in handlers at once (503 beyond). ``max_body``: bytes (413 beyond).
+    ``reserved_connections``: of ``max_connections`` (and of ``max_requests``),
+    how many only root and the control group may take, so that read-only
+    callers can never lock them out.
     """
 
     read_timeout: float = 10.0
     max_connections: int = 64
     max_requests: int = 64
     max_body: int = 64 * 1024
+    reserved_connections: int = 16
+
+    def reserved(self, cap: int) -> int:
+        """Slots of ``cap`` kept for root and the control group: ``reserved_connections``,
+        but at least one and never all (a cap of 1 keeps none)."""
+        return max(0, min(max(self.reserved_connections, 1), cap - 1))
+
+    @property
+    def max_read_connections(self) -> int:
+        """Connections callers without control access may hold at once."""
+        return self.max_connections - self.reserved(self.max_connections)
+
+    @property
+    def max_read_requests(self) -> int:
+        """Requests of callers without control access that may be in handlers at once."""
+        return self.max_requests - self.reserved(self.max_requests)
 
     @classmethod
     def from_env(cls) -> ControlLimits:
         """The defaults, overridden by ``CITADEL_CONTROL_READ_TIMEOUT``,
-        ``CITADEL_CONTROL_MAX_CONNECTIONS``, ``CITADEL_CONTROL_MAX_REQUESTS``, ``CITADEL_CONTROL_MAX_BODY``."""
+        ``CITADEL_CONTROL_MAX_CONNECTIONS``, ``CITADEL_CONTROL_MAX_REQUESTS``, ``CITADEL_CONTROL_MAX_BODY``
+        and ``CITADEL_CONTROL_RESERVED_CONNECTIONS``."""
         def number(name: str, default: float, kind: type) -> Any:
             raw = os.environ.get(f"CITADEL_CONTROL_{name}")
             if not raw:
@@ -72,7 +93,8 @@ class ControlLimits:
         return cls(number("READ_TIMEOUT", d.read_timeout, float),
                    number("MAX_CONNECTIONS", d.max_connections, int),
                    number("MAX_REQUESTS", d.max_requests, int),
-                   number("MAX_BODY", d.max_body, int))
+                   number("MAX_BODY", d.max_body, int),
+                   number("RESERVED_CONNECTIONS", d.reserved_connections, int))
 
 
 def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None = None) -> web.Application:
@@ -82,7 +104,8 @@ def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None 
     app[ACCESS_KEY] = policy
     app[DAEMON_KEY] = daemon
     app[MAX_REQUESTS_KEY] = limits.max_requests
-    app[ACTIVE_KEY] = {"n": 0}
+    app[MAX_READ_REQUESTS_KEY] = limits.max_read_requests
+    app[ACTIVE_KEY] = {"n": 0, "control": 0, "read": 0}
     app[BODY_TIMEOUT_KEY] = limits.read_timeout
     routes = ROUTES + [extra_route(path, handler) for path, handler in daemon.extra_routes()]
     app[ROUTES_KEY] = routes
@@ -94,8 +117,10 @@ def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None 
 def bind_socket(path: Path, group: str | None) -> socket.socket:
     """Bind the control socket ``0660`` in a folder that is not world-writable.
 
-    A socket file nobody answers on is stale and replaced; one that answers
-    means another citadeld runs, and ``SocketInUseError`` says so.
+    A socket file nobody listens on (connect: ECONNREFUSED) is stale and
+    replaced. Any other outcome means a listener, perhaps too busy to accept
+    (a full backlog fails with EAGAIN): ``SocketInUseError`` says so, and the
+    file is left alone.
     """
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -105,18 +130,11 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise FileExistsError(f"{path} exists and is not a socket; remove it or choose another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(str(path))
-        except OSError:
-            logger.info("replacing stale control socket {} (nothing answers on it)", path)
-            path.unlink()
-        else:
-            raise SocketInUseError(f"another citadeld is running: it answers on {path}; "
+        if _listened_on(path):
+            raise SocketInUseError(f"another citadeld is running: it listens on {path}; "
                                    "stop it first, or give this one another daemon.control_socket")
-        finally:
-            probe.close()
+        logger.info("replacing stale control socket {} (nothing listens on it)", path)
+        path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # never world-accessible, not even between bind and chmod
     try:
@@ -136,42 +154,35 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     return sock
 
 
-class _Refusal(asyncio.Protocol):
-    """Answers one connection too many with a 503 and closes it."""
+def _listened_on(path: Path) -> bool:
+    """Whether a process listens on the Unix socket ``path``.
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = json.dumps({"error": "too many connections to citadeld; try again"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        transport.write(head + body)  # type: ignore[attr-defined]
-        transport.close()
+    Only ECONNREFUSED (and the file vanishing) proves nobody does: a listener
+    that is slow to accept fails a connect with EAGAIN or a timeout, and
+    removing its socket would cut its operator off.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
 
 
 #: Seconds citadeld waits, on exit, for control connections to finish.
 CLOSE_TIMEOUT = 2.0
 
 
-class _CappedSite(web.SockSite):
-    """A ``SockSite`` that refuses connections beyond ``max_connections``."""
+def _has_control(policy: AccessPolicy) -> Callable[[socket.socket], tuple[bool, str]]:
+    """The connection gate's test: may this peer control citadeld (and who is it)."""
+    def check(sock: socket.socket) -> tuple[bool, str]:
+        peer = Peer.of(sock)
+        return policy.access(peer) == "control", peer.describe()
 
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, max_connections: int):
-        super().__init__(runner, sock)
-        self._max_connections = max_connections
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= self._max_connections:
-                logger.warning("control socket: {} connections open; refusing another",
-                               len(server.connections))
-                return _Refusal()
-            return server()
-
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol, sock=self._sock, backlog=self._backlog)
+    return check
 
 
 class ControlServer:
@@ -201,7 +212,13 @@ class ControlServer:
                                      handle_signals=False, shutdown_timeout=1.0,
                                      keepalive_timeout=self.limits.read_timeout)
         await self._runner.setup()
-        await _CappedSite(self._runner, self._sock, self.limits.max_connections).start()
+        limits = self.limits
+
+        def gate(server: web.Server) -> ConnectionGate:
+            return ConnectionGate(server, "citadeld's control socket", limits.max_connections,
+                                  limits.max_read_connections, _has_control(self.policy))
+
+        await CappedSockSite(self._runner, self._sock, gate).start()
         logger.info("control socket on {}", self.path)
 
     async def close(self) -> None:

@@ -2,12 +2,14 @@
 
 - ``fetch``: the concurrent fetch, bounded by a timeout per page, and the
   per-worker scrape-up and duration families;
+- ``validate``: whether a page is valid exposition text (a bad page is dropped whole);
 - ``relabel``: one page with ``service`` and ``worker`` labels on every sample;
 - ``merge``: the pages' families merged by name, and rendered.
 """
 
 from .fetch import (
     FederationCollector,
+    PageDrops,
     ScrapeResult,
     ScrapeTarget,
     fetch_page,
@@ -21,6 +23,7 @@ __all__ = [
     "FederatedFamilies",
     "FederationCollector",
     "FederationRenderer",
+    "PageDrops",
     "PageRelabeler",
     "RelabelledPage",
     "ScrapeResult",

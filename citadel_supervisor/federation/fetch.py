@@ -2,7 +2,8 @@
 
 Every page is fetched with one timeout through the daemon's one HTTP session,
 so a slow or dead worker costs at most that timeout and never hides the
-others. Each page is relabelled as soon as it arrives, while the others are
+others; reading stops at ``MAX_PAGE_BYTES``, and a page too large, not
+UTF-8 or not valid text is dropped whole and counted, never passed on. Each page is relabelled as soon as it arrives, while the others are
 still on their way.
 """
 
@@ -14,9 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .relabel import PageRelabeler, RelabelledPage
+from .validate import MAX_PAGE_BYTES, NOT_UTF8, TOO_LARGE
 
 #: What federation asks workers for: the classic text format, parsed here.
 TEXT_ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
@@ -43,37 +45,65 @@ class ScrapeResult:
     duration: float
     page: RelabelledPage | None = None
     error: str | None = None
+    #: Why the page was fetched but not federated (too large, not valid text), or None.
+    dropped: str | None = None
 
 
 async def fetch_page(session: aiohttp.ClientSession, target: ScrapeTarget, timeout: float,
-                     relabeler: PageRelabeler | None = None) -> ScrapeResult:
+                     relabeler: PageRelabeler | None = None,
+                     max_bytes: int = MAX_PAGE_BYTES) -> ScrapeResult:
     """Fetch one worker's page and relabel it as soon as it arrives, while the other
     pages are still on their way.
 
-    A failure is a result with ``up`` False, never an exception.
+    A failure is a result with ``up`` False, never an exception. A page larger
+    than ``max_bytes`` (reading stops there), not UTF-8, or not valid text is
+    ``dropped``, with ``up`` still True: the worker answered.
     """
     if target.url is None:
         return ScrapeResult(target, False, 0.0, error="not running")
     start = time.monotonic()
     try:
-        async with session.get(target.url, headers=FETCH_HEADERS,
+        # auto_decompress off: a worker that gzips anyway must not make citadeld inflate a bomb;
+        # its compressed page is then not UTF-8, and dropped.
+        async with session.get(target.url, headers=FETCH_HEADERS, auto_decompress=False,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
                 return ScrapeResult(target, False, time.monotonic() - start, error=f"HTTP {resp.status}")
-            # The exposition format is UTF-8; decoding it here spares aiohttp's charset guessing.
-            text = (await resp.read()).decode("utf-8", errors="replace")
-    except asyncio.TimeoutError:
+            body = await read_capped(resp, max_bytes)
+    except TimeoutError:
         return ScrapeResult(target, False, time.monotonic() - start, error=f"timed out after {timeout:g}s")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return ScrapeResult(target, False, time.monotonic() - start, error=f"{type(exc).__name__}: {exc}")
     duration = time.monotonic() - start
+    if body is None:
+        return ScrapeResult(target, True, duration, dropped=TOO_LARGE)
+    try:
+        # The exposition format is UTF-8; decoding it here spares aiohttp's charset guessing.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return ScrapeResult(target, True, duration, dropped=NOT_UTF8)
     relabeler = relabeler or PageRelabeler(target.service, target.worker)
     # On the loop, on purpose: a page takes under half a millisecond, while handing it to
     # a thread made the loop wait for the GIL (up to the 5 ms switch interval) on every
     # read of the other pages still arriving. The sleep(0) gives each page its own turn
     # of the loop, so that pages arriving together do not add up into one long stall.
     await asyncio.sleep(0)
-    return ScrapeResult(target, True, duration, relabeler.split(text))
+    page = relabeler.split(text)
+    if page.dropped is not None:
+        return ScrapeResult(target, True, duration, dropped=page.dropped)
+    return ScrapeResult(target, True, duration, page)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes | None:
+    """The answer's body, or None as soon as it is past ``max_bytes`` (reading stops there)."""
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        return None
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > max_bytes:
+            return None
+    return bytes(body)
 
 
 async def scrape_all(session: aiohttp.ClientSession, targets: Iterable[ScrapeTarget], timeout: float,
@@ -95,11 +125,27 @@ async def scrape_all(session: aiohttp.ClientSession, targets: Iterable[ScrapeTar
         fetch_page(session, t, timeout, relabelers[(t.service, t.worker)]) for t in targets)))
 
 
-class FederationCollector:
-    """``citadel_federation_up`` and ``citadel_federation_scrape_duration_seconds`` per worker."""
+class PageDrops:
+    """How many pages of each worker were dropped, by reason, since citadeld started."""
 
-    def __init__(self, results: Iterable[ScrapeResult]):
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str, str], int] = {}
+
+    def count(self, results: Iterable[ScrapeResult]) -> None:
+        """Count the pages dropped in one scrape (each scrape that drops a page counts it)."""
+        for result in results:
+            if result.dropped is not None:
+                key = (result.target.service, result.target.worker, result.dropped)
+                self.totals[key] = self.totals.get(key, 0) + 1
+
+
+class FederationCollector:
+    """``citadel_federation_up`` and ``citadel_federation_scrape_duration_seconds`` per
+    worker, and ``citadel_federation_pages_dropped_total`` per worker and reason."""
+
+    def __init__(self, results: Iterable[ScrapeResult], drops: PageDrops | None = None):
         self.results = list(results)
+        self.drops = drops
 
     def collect(self) -> Iterator[Metric]:
         """Yield the two families."""
@@ -115,3 +161,12 @@ class FederationCollector:
             duration.add_metric(key, result.duration)
         yield up
         yield duration
+        if self.drops is not None:
+            dropped = CounterMetricFamily(
+                "citadel_federation_pages_dropped",
+                "Worker /metrics pages not federated, by reason: too_large, not_utf8, malformed "
+                "(a line that is not valid exposition text), duplicate_labels.",
+                labels=["service", "worker", "reason"])
+            for (service, worker, reason), total in sorted(self.drops.totals.items()):
+                dropped.add_metric([service, worker, reason], float(total))
+            yield dropped

@@ -28,6 +28,8 @@ class FederatedFamilies:
         self.conflicts: list[str] = []
         groups: dict[object, list[RelabelledPage]] = {}
         for page in pages:
+            if page.dropped is not None:
+                continue  # not valid text: never merged (fetch_page does not return one either)
             layout = page.layout
             key = layout.key if layout is not None and layout.families is not None else id(page)
             groups.setdefault(key, []).append(page)

@@ -1,7 +1,9 @@
 """One worker's ``/metrics`` page with ``service`` and ``worker`` labels on every sample.
 
 A label of the same name already on a sample is kept as ``exported_service`` /
-``exported_worker``, as Prometheus' ``honor_labels = false`` does.
+``exported_worker`` (``exported_exported_service`` when that is taken too), as
+Prometheus' ``honor_labels = false`` does. A page is masked (the registered
+secrets) and checked (``validate``) first; a bad page is dropped whole.
 
 Pages are handled as text, without building sample objects: a vLLM page is
 about 600 lines, and a scrape may carry dozens of them. A page that
@@ -15,9 +17,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..masking import masker
+from .validate import page_problem
+
 #: Sample-name suffixes that belong to a family of the base name.
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created", "_info", "_gcount", "_gsum")
-_CLASH = re.compile(r'([{,]\s*)(service|worker)(\s*=\s*")')
+_CLASH = re.compile(r'[{,](?:service|worker)=')
+#: One label of a validated page: its name and its quoted value.
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)=("[^"\\\n]*(?:\\.[^"\\\n]*)*")')
 
 #: What the whole-page relabelling cannot take (anywhere in the page, help texts
 #: included); such a page is done line by line: a label named service or worker
@@ -122,6 +129,8 @@ class RelabelledPage:
     #: How many sample lines ``samples`` holds.
     lines: int = 0
     line_families: list[Family] = field(default_factory=list)
+    #: Why the page is not federated (``validate``'s reasons), or None.
+    dropped: str | None = None
 
     def families(self) -> list[Family]:
         """The page's families."""
@@ -160,10 +169,19 @@ class PageRelabeler:
         self._labelled = f'",{self.labels}}} '
         self._layout: BlockLayout | None = None
         self._last: RelabelledPage | None = None
+        self._last_fetched: str | None = None
 
     def split(self, text: str) -> RelabelledPage:
-        """The page, relabelled (CPU work: under half a millisecond for a vLLM page here)."""
-        if self._last is not None and text == self._last.text:
+        """The page, masked, checked and relabelled (CPU work: under a millisecond for a
+        vLLM page here); a page that fails the check comes back ``dropped``, without samples."""
+        if self._last is not None and text == self._last_fetched:
+            return self._last
+        self._last_fetched = text
+        text = masker.mask_secrets(text)
+        problem = page_problem(text)
+        if problem is not None:
+            self._layout = None
+            self._last = RelabelledPage(self.worker, self.labels, text, dropped=problem)
             return self._last
         page = self._relabel_whole(text)
         if page is None:
@@ -224,11 +242,33 @@ def relabel_line(line: str, labels: str) -> tuple[str, str]:
     if brace != -1 and (space == -1 or brace < space):
         rest = line[brace + 1:]
         if ("service" in rest or "worker" in rest) and _CLASH.search(line, brace):
-            rest = _CLASH.sub(r"\1exported_\2\3", line[brace:])[1:]
+            rest = _exported(rest)
         joiner = "" if rest.startswith("}") else ","
         return line[:brace], f"{line[:brace]}{{{labels}{joiner}{rest}"
     name = line[:space] if space != -1 else line
     return name, f"{name}{{{labels}}}{line[len(name):]}"
+
+
+def _exported(rest: str) -> str:
+    """A validated line after its ``{``, with its own ``service`` and ``worker`` labels
+    renamed as Prometheus does: ``exported_service``, or ``exported_exported_service``
+    when that is taken too, so that no label name is given twice."""
+    labels = []
+    end = 0
+    for match in _LABEL.finditer(rest):
+        if rest[end:match.start()] not in ("", ","):
+            break  # past the label set (a value after it cannot hold a label)
+        labels.append((match.group(1), match.group(2)))
+        end = match.end()
+    taken = {name for name, _ in labels}
+    renamed = []
+    for name, value in labels:
+        if name in ("service", "worker"):
+            while name in taken:
+                name = "exported_" + name
+            taken.add(name)
+        renamed.append(f"{name}={value}")
+    return ",".join(renamed) + rest[end:].removeprefix(",")
 
 
 def page_by_line(text: str, labels: str) -> list[Family]:

@@ -27,7 +27,7 @@ from .discovery import ControlFeed
 from .forward import ClientGone, Forwarder, ProxiedRequest
 from .keys import ApiKey, KeyRing, bearer_token
 from .metrics import GatewayMetrics
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, estimate_tokens
 from .upstreams import UpstreamTable
 
 #: Endpoints whose streams can carry a usage chunk (embeddings do not stream).
@@ -123,8 +123,9 @@ class Gateway:
             labels.model = model
             if key is not None and not key.allows(model):
                 raise errors.model_not_allowed(key.name, model)
+            estimate = estimate_tokens(request["raw_body"], payload)
             if key is not None:
-                limited = self.limiter.admit(key)
+                limited = self.limiter.admit(key, estimate)
                 if limited is not None:
                     raise errors.rate_limited(
                         f"the key {key.name!r} reached its limit of {limited.per_minute} "
@@ -140,8 +141,15 @@ class Gateway:
                                                  "include_usage": True}
                     body = json.dumps(payload).encode()
                     strip_usage = True
-            req = ProxiedRequest(path, body, model, key, stream, strip_usage)
-            return await self.forwarder.forward(request, req)
+            req = ProxiedRequest(path, body, model, key, stream, strip_usage, estimate)
+            try:
+                return await self.forwarder.forward(request, req)
+            except errors.GatewayError:
+                # No worker answered: nothing was used. (A client that hangs up, ClientGone or
+                # a cancellation, keeps the estimate charged.)
+                if key is not None:
+                    self.limiter.settle(key, estimate, 0)
+                raise
         return handle
 
     def _models_for(self, key: ApiKey | None) -> list[str]:

@@ -5,14 +5,16 @@ Each event's state and readiness apply at once (a worker that stops being
 ready leaves the rotation before the next request), and then a fresh
 ``GET /v1/status`` replaces the table (ports and models, workers added or
 removed by a reload). Status reads are coalesced: events that arrive during
-one read cause exactly one more. When the stream ends, the feed reconnects
-with a growing backoff, keeping the last table meanwhile.
+one read cause exactly one more. When the stream ends or fails, the feed
+reconnects with a growing backoff, keeping the last table meanwhile; an event
+line longer than ``MAX_EVENT_LINE`` is skipped, never the end of the feed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +24,32 @@ from .upstreams import UpstreamTable
 
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
+#: The longest event line read (bytes); a longer one is skipped. An event is well under
+#: 4 KiB, but it quotes a worker's exit report, and aiohttp's own line limit is 64 KiB.
+MAX_EVENT_LINE = 1024 * 1024
+
+
+async def bounded_lines(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The stream's lines (without the newline); a line longer than ``limit`` is skipped
+    whole, holding at most ``limit`` bytes of it, and the next line is read as usual."""
+    held = bytearray()
+    skipping = False
+    async for chunk in stream.iter_any():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if not skipping and len(held) + end - start <= limit:
+                held += chunk[start:end]
+                yield bytes(held)
+            held.clear()
+            skipping = False
+            start = end + 1
+        if not skipping:
+            held += chunk[start:]
+            if len(held) > limit:
+                held.clear()
+                skipping = True
+    if held and not skipping:
+        yield bytes(held)
 
 
 class ControlFeed:
@@ -70,12 +98,14 @@ class ControlFeed:
                         logger.info("control socket {}: following events again", self.socket_path)
                     delay, failures = _BACKOFF_FIRST, 0
                     self._refresh()
-                    async for line in resp.content:
+                    async for line in bounded_lines(resp.content, MAX_EVENT_LINE):
                         self._on_line(line)
                 logger.warning("control socket {}: the event stream ended", self.socket_path)
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                # ValueError too: whatever the stream holds, the feed must reconnect, never
+                # end and leave the routing table frozen.
                 failures += 1
                 # The first failure and then every 20th: a gone citadeld must not flood the log.
                 if failures == 1 or failures % 20 == 0:

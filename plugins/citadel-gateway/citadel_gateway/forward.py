@@ -45,6 +45,8 @@ class ProxiedRequest:
     stream: bool
     #: True when the gateway added ``include_usage`` itself (drop the usage chunk).
     strip_usage: bool
+    #: The tokens charged to the key when the request was admitted, settled once its usage is known.
+    estimate: int = 0
 
     @property
     def key_name(self) -> str:
@@ -157,7 +159,10 @@ class Forwarder:
             if req.stream and resp.status == 200 and resp.content_type == "text/event-stream":
                 return await self._stream(resp, request, req, sent)
             body = await resp.read()
-            self._observe(req, sent, time.perf_counter() - sent, usage_in(body))
+            usage = usage_in(body)
+            if usage is None and resp.status >= 400 and req.key is not None:
+                self.limiter.settle(req.key, req.estimate, 0)  # refused by the worker: nothing used
+            self._observe(req, sent, time.perf_counter() - sent, usage)
             return web.Response(status=resp.status, body=body, content_type=resp.content_type)
         except _AttemptFailed:
             raise
@@ -212,6 +217,6 @@ class Forwarder:
         if usage is None:
             return
         if req.key is not None:
-            self.limiter.charge_tokens(req.key, usage.total_tokens)
+            self.limiter.settle(req.key, req.estimate, usage.total_tokens)
         self.metrics.tokens.labels(req.model, req.key_name, "prompt").inc(usage.prompt_tokens)
         self.metrics.tokens.labels(req.model, req.key_name, "completion").inc(usage.completion_tokens)

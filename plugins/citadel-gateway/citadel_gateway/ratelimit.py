@@ -2,8 +2,13 @@
 
 A request takes one token from the requests bucket before it is sent. Its
 tokens are only known once the worker reports its ``usage``, so the tokens
-bucket is charged afterwards and may go below zero; a key whose tokens
-bucket is empty (or in debt) waits until it refills.
+bucket is charged an estimate when the request is admitted (its prompt's
+size and its ``max_tokens``), and settled to the reported usage afterwards:
+the difference is charged or refunded. A request that ends without a usage
+(the client hung up) keeps the estimate charged. The bucket may go below
+zero; a key whose tokens bucket is empty (or in debt) waits until it
+refills. Charging up front is what stops N requests sent at once from all
+passing an almost empty bucket.
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ class TokenBucket:
         return 0.0 if level > 0 else max(-level / self.rate, 1e-3)
 
     def charge(self, amount: float) -> None:
-        """Take ``amount`` now, even into debt (for usage learned after the fact)."""
-        self._level = self._refill() - amount
+        """Take ``amount`` now, even into debt (for usage learned after the fact); a
+        negative ``amount`` refunds, up to the capacity."""
+        self._level = min(self.capacity, self._refill() - amount)
 
 
 @dataclass
@@ -84,8 +90,9 @@ class RateLimiter:
             self._limits[key.name] = limits
         return limits
 
-    def admit(self, key: ApiKey) -> RateLimited | None:
-        """Take one request from ``key``'s budget; None if admitted, else why not."""
+    def admit(self, key: ApiKey, tokens: int = 0) -> RateLimited | None:
+        """Take one request, and ``tokens`` (the request's estimate), from ``key``'s budget;
+        None if admitted, else why not (and nothing is taken)."""
         if key.requests_per_minute is None and key.tokens_per_minute is None:
             return None
         limits = self._for(key)
@@ -97,7 +104,17 @@ class RateLimiter:
             wait = limits.requests.take(1.0)
             if wait > 0:
                 return RateLimited("requests", max(1, math.ceil(wait)), int(limits.requests.capacity))
+        if limits.tokens is not None and tokens > 0:
+            limits.tokens.charge(tokens)
         return None
+
+    def settle(self, key: ApiKey, estimate: int, used: int) -> None:
+        """Correct the ``estimate`` charged at admission to the ``used`` tokens reported."""
+        if key.tokens_per_minute is None or used == estimate:
+            return
+        bucket = self._for(key).tokens
+        assert bucket is not None
+        bucket.charge(used - estimate)
 
     def charge_tokens(self, key: ApiKey, tokens: int) -> None:
         """Count the tokens a worker reported for one of ``key``'s requests."""
@@ -106,3 +123,21 @@ class RateLimiter:
         bucket = self._for(key).tokens
         assert bucket is not None
         bucket.charge(tokens)
+
+
+#: Tokens of an answer whose request gives no ``max_tokens``: a modest answer's length.
+DEFAULT_ANSWER_TOKENS = 256
+#: Bytes per token of a prompt, roughly (English text and JSON through a BPE tokenizer).
+_BYTES_PER_TOKEN = 4
+
+
+def estimate_tokens(body: bytes, payload: dict[str, object]) -> int:
+    """A request's tokens before it runs: its body's size for the prompt, plus its
+    ``max_tokens`` (or ``max_completion_tokens``) for the answer, else ``DEFAULT_ANSWER_TOKENS``."""
+    answer = DEFAULT_ANSWER_TOKENS
+    for field_name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(field_name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            answer = value
+            break
+    return math.ceil(len(body) / _BYTES_PER_TOKEN) + answer

@@ -25,6 +25,7 @@ from citadel_supervisor.config import (
     ProbesConfig,
     format_path,
 )
+from citadel_supervisor.masking import masker
 from citadel_supervisor.services.base import ServiceType, SpawnSpec, WorkerInfo
 
 from .config import GatewayConfig, GatewaySettings
@@ -104,9 +105,14 @@ def citadel_check_config(config: CitadelConfig) -> list[ConfigIssue]:
     """Check that each gateway's routes name services that exist.
 
     Also notes the daemon's control socket: a gateway without
-    ``control_socket`` follows the daemon that runs it.
+    ``control_socket`` follows the daemon that runs it; and registers the keys
+    written in the config with the masker.
     """
     GATEWAY.daemon_socket = config.daemon.control_socket
+    # A key written in the config itself (not from "${credential:NAME}") is a secret all
+    # the same: citadeld's logs, answers and federated pages must never show it.
+    masker.add_secrets(entry.key for service in config.services.values()
+                       if isinstance(service, GatewayConfig) for entry in service.keys if entry.key)
     GATEWAY.upstream_keys = {
         name: key.get_secret_value() for name, service in config.services.items()
         if isinstance(key := getattr(service, "api_key", None), SecretStr)
