@@ -1,4 +1,9 @@
-"""Who may call the control socket: peer credentials checked against allowed groups."""
+"""Who may call the control socket: peer credentials checked against allowed groups.
+
+Workers run model code that may be hostile, and often as citadeld's own user:
+a caller inside a worker's process tree (a descendant of citadeld, or a
+process in a worker's cgroup) gets read access at most, whatever its uid.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import os
 import pwd
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+from ..procstat import read_stat
 
 Access = Literal["control", "read", "none"]
 
@@ -61,12 +69,48 @@ def group_ids(names: list[str]) -> set[int]:
     return gids
 
 
+#: A worker's cgroup's name starts so (cgroups.py names them).
+_WORKER_CGROUP = "/citadel-worker-"
+#: Deeper than any real process tree: a walk that goes on is not trusted.
+_MAX_DEPTH = 512
+
+
+def in_worker_tree(pid: int, supervisor: int) -> bool:
+    """True when ``pid`` runs inside one of ``supervisor``'s workers: it descends from
+    ``supervisor`` (orphans of a worker's tree are reparented to citadeld, a child
+    subreaper, so a double fork does not leave it), or it sits in a worker's cgroup.
+
+    A process that cannot be read (it ended while its request was in flight) counts as
+    a worker's: less access is the safe side.
+    """
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return True
+    if _WORKER_CGROUP in cgroups:
+        return True
+    walk = pid
+    for _ in range(_MAX_DEPTH):
+        stat = read_stat(walk)
+        if stat is None:
+            return True
+        if stat.ppid == supervisor:
+            return True
+        if stat.ppid <= 1:
+            return False
+        walk = stat.ppid
+    return True
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
-    """root and citadeld's own user control; listed groups control or read; others nothing."""
+    """root and citadeld's own user control; listed groups control or read; others
+    nothing; a caller inside a worker's tree reads at most."""
 
     control_gids: frozenset[int]
     read_gids: frozenset[int]
+    #: citadeld's pid: its descendants are its workers' processes.
+    supervisor_pid: int = field(default_factory=os.getpid)
 
     @classmethod
     def from_groups(cls, control: list[str], read: list[str]) -> AccessPolicy:
@@ -75,6 +119,12 @@ class AccessPolicy:
 
     def access(self, peer: Peer) -> Access:
         """What this peer may do."""
+        granted = self._by_credentials(peer)
+        if granted == "control" and in_worker_tree(peer.pid, self.supervisor_pid):
+            return "read"
+        return granted
+
+    def _by_credentials(self, peer: Peer) -> Access:
         if peer.uid in (0, os.getuid()):
             return "control"
         groups = peer.groups()

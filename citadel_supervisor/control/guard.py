@@ -17,7 +17,7 @@ from loguru import logger
 
 from ..masking import masker
 from ..supervisor import UnknownWorkerError
-from .access import AccessPolicy, Peer
+from .access import AccessPolicy, Peer, in_worker_tree
 from .responses import BadRequestError, error_response
 
 ACCESS_KEY = web.AppKey("access", AccessPolicy)
@@ -30,8 +30,11 @@ ACTIVE_KEY = web.AppKey("active_requests", dict)
 _READ_METHODS = ("GET", "HEAD")
 
 
-def refusal_message(peer: Peer, needed: str) -> str:
+def refusal_message(peer: Peer, needed: str, policy: AccessPolicy) -> str:
     """What a refused caller reads: who they are, what they lack, and where that is set."""
+    if policy.access(peer) == "read" and in_worker_tree(peer.pid, policy.supervisor_pid):
+        return (f"permission denied: {peer.describe()} runs inside a worker of citadeld, and "
+                "workers may only read; run citadelctl from outside the workers")
     return (f"permission denied: {peer.describe()} may not {needed} citadeld; "
             f"{'daemon.read_groups or ' if needed == 'read' else ''}daemon.control_groups "
             "in citadeld's config list the groups that may")
@@ -62,7 +65,7 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
     if access == "none" or (needed == "control" and access != "control"):
         logger.warning("control socket: refused {} {} from {} (has {} access, needs {})",
                        request.method, request.path, peer.describe(), access, needed)
-        return error_response(403, refusal_message(peer, needed))
+        return error_response(403, refusal_message(peer, needed, request.app[ACCESS_KEY]))
     active = request.app[ACTIVE_KEY]
     if active["n"] >= request.app[MAX_REQUESTS_KEY]:
         return error_response(503, "too many concurrent requests; try again")
