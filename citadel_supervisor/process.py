@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 from loguru import logger
 
+from .accounts import RunAs
 from .process_tree import SPAWN_ID_ENV, ExitStatus, ProcessTree
 from .reaper import children
 
@@ -114,8 +115,10 @@ def spawn(
     cgroup: Path | None = None,
     cpu_affinity: set[int] | None = None,
     capture_output: bool = True,
+    run_as: RunAs | None = None,
 ) -> ProcessTree:
-    """Start a process in its own session; raise ``SpawnError`` naming what was wrong."""
+    """Start a process in its own session (as ``run_as``'s user and groups, when given);
+    raise ``SpawnError`` naming what was wrong."""
     if not argv:
         raise SpawnError("empty command")
     if cwd is not None and not cwd.is_dir():
@@ -137,8 +140,13 @@ def spawn(
             start_new_session=True,
             close_fds=True,
             pass_fds=(procs_fd,) if procs_fd is not None else (),
-            # Raw syscalls only (prctl, write, sched_setaffinity): safe beside threads.
+            # Raw syscalls only (prctl, write, sched_setaffinity): safe beside threads. Python
+            # calls it after switching user and groups, so the parent-death signal (which a
+            # change of credentials clears) holds.
             preexec_fn=_preexec(procs_fd, cpu_affinity, os.getpid()),  # noqa: PLW1509
+            user=run_as.uid if run_as else None,
+            group=run_as.gid if run_as else None,
+            extra_groups=run_as.groups if run_as else None,
         )
     except OSError as exc:
         if capture_output:
@@ -147,7 +155,9 @@ def spawn(
         if isinstance(exc, FileNotFoundError):
             raise SpawnError(f"{argv[0]}: no such file or directory") from None
         if isinstance(exc, PermissionError):
-            raise SpawnError(f"{argv[0]}: permission denied (not executable?)") from None
+            who = f" for uid {run_as.uid}" if run_as and run_as.uid is not None else ""
+            raise SpawnError(f"{argv[0]}: permission denied{who} (not executable, or a folder "
+                             "on its path not searchable?)") from None
         raise SpawnError(f"{argv[0]}: {exc.strerror}") from None
     finally:
         if procs_fd is not None:

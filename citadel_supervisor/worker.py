@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
+from .accounts import RunAs
 from .cgroups import CgroupTree
 from .config import ProbeConfig
 from .events import EventBus, WorkerEvent
@@ -286,14 +287,19 @@ class Worker:
         if placement.cpus is not None and spec.cpu_affinity is None:
             spec.cpu_affinity = placement.cpus
         self.runtime.plugins.call_each("citadel_prepare_spawn", worker=self.info, spec=spec)
-        env = {**worker_base_env(), **spec.env, "CITADEL_WORKER": self.name,
-               "CITADEL_SERVICE": self.info.service}
+        config = self.info.config
+        try:
+            run_as = RunAs.resolve(config.user, config.group) if config.user or config.group else None
+        except KeyError as exc:  # removed from the host since the config was loaded
+            raise SpawnError(f"user or group: {exc.args[0]}") from None
+        env = {**worker_base_env(), **(run_as.env if run_as else {}), **spec.env,
+               "CITADEL_WORKER": self.name, "CITADEL_SERVICE": self.info.service}
         masker.add_env(env)
         if self.info.port:
             check_port_free(getattr(self.info.config, "host", "127.0.0.1"), self.info.port)
         tree = self.runtime.cgroup_tree
         cgroup = tree.prepare(self.name) if tree is not None else None
-        return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity)
+        return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity, run_as=run_as)
 
     async def _run_once(self) -> RunOutcome:
         self._spawns += 1

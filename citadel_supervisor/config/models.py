@@ -6,12 +6,14 @@ validated config that ``load_config`` returns.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..accounts import RunAs, can_switch_users
 from ..durations import Duration
 
 
@@ -130,6 +132,12 @@ class ServiceConfig(Model):
     metrics: str | None = Field(
         None, description="the worker's own Prometheus page to federate: a URL, or a path on its port"
     )
+    user: str | None = Field(
+        None, description="run the worker as this user (name or uid), not citadeld's; needs CAP_SETUID"
+    )
+    group: str | None = Field(
+        None, description="and this group (name or gid); default: the user's own; needs CAP_SETGID"
+    )
 
     _stop_signal = field_validator("stop_signal", mode="before")(_signal_number)
 
@@ -137,6 +145,21 @@ class ServiceConfig(Model):
     def _backoff_order(self) -> ServiceConfig:
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+    @model_validator(mode="after")
+    def _account_exists(self) -> ServiceConfig:
+        if self.user is None and self.group is None:
+            return self
+        try:
+            run_as = RunAs.resolve(self.user, self.group)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        if run_as.switches() and not can_switch_users():
+            raise ValueError(
+                f"citadeld runs as uid {os.geteuid()} without CAP_SETUID and CAP_SETGID, so it cannot "
+                "start workers as another user: run it as root, or grant them in its unit "
+                "(AmbientCapabilities=CAP_SETUID CAP_SETGID; see docs/install.md)")
         return self
 
     def port_for(self, replica: int) -> int | None:
