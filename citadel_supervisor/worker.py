@@ -13,8 +13,9 @@ import asyncio
 import enum
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -26,10 +27,12 @@ from .config import ProbeConfig
 from .events import EventBus, WorkerEvent
 from .gpu import GpuInventory, WorkerGpus, worker_placement
 from .health import ProbeFactory, ProbeResult, ProbeRunner
+from .listeners import Owner, listening_sockets, port_owner
 from .masking import masker
 from .output import WorkerOutput
 from .plugins import PluginRegistry
 from .process import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
+from .procstat import ProcStat, process_table
 from .restart import RestartPolicy
 from .services.base import ServiceType, WorkerInfo
 from .statefile import StateFile
@@ -440,7 +443,12 @@ class Worker:
         factory = self.runtime.probe_kinds.get(config.kind)
         if factory is None:
             raise SpawnError(f"no probe kind {config.kind!r} (a plugin may be missing)")
-        return factory(config, self.info, self.runtime.session)
+        return factory(config, replace(self.info, tree_pids=self.tree_pids), self.runtime.session)
+
+    def tree_pids(self, table: dict[int, ProcStat] | None = None) -> set[int]:
+        """The pids of the worker's process tree now; none while no process runs (reads /proc)."""
+        proc = self.proc
+        return proc.members(table) if proc is not None else set()
 
     # -- reading ------------------------------------------------------------
 
@@ -468,3 +476,24 @@ class Worker:
             "phase": self.phase,
             "probes": {role: r.to_json() for role, r in self.probes.items()},
         }
+
+
+def port_owners(workers: Sequence[Worker]) -> list[Owner | None]:
+    """For each worker, whose listener its port reaches (``"worker"``, ``"other"``,
+    ``"none"``), or None without a port. Reads /proc, the socket tables and the host's
+    process table once each, and only when needed: not on the event loop."""
+    targets = [(w, getattr(w.info.config, "host", None) or "127.0.0.1", w.info.port) for w in workers]
+    if not any(port for _, _, port in targets):
+        return [None] * len(targets)
+    sockets = listening_sockets()
+    table: dict[int, ProcStat] | None = None
+
+    def pids(worker: Worker) -> set[int]:
+        nonlocal table
+        proc = worker.proc
+        if table is None and proc is not None and proc.cgroup is None:
+            table = process_table()  # one read of the host's processes for every tree
+        return worker.tree_pids(table)
+
+    return [port_owner(host, port, partial(pids, w), sockets).owner if port else None
+            for w, host, port in targets]

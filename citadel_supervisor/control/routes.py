@@ -19,6 +19,7 @@ from aiohttp import web
 from .. import __version__
 from ..masking import masker
 from ..waits import within
+from ..worker import port_owners
 from . import API_PREFIX
 from .responses import BadRequestError, json_response
 
@@ -116,8 +117,13 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """GET /v1/status: ``{"workers": [...]}``."""
-    return json_response({"workers": _daemon(request).supervisor.status()})
+    """GET /v1/status: ``{"workers": [...]}``, each with ``port_owner``: whether the
+    listener on its port is its own (read from /proc now, off the event loop)."""
+    workers = list(_daemon(request).supervisor.workers.values())
+    answer = [w.to_json() for w in workers]
+    for entry, owner in zip(answer, await asyncio.to_thread(port_owners, workers), strict=True):
+        entry["port_owner"] = owner
+    return json_response({"workers": answer})
 
 
 async def _act(request: web.Request, action: str) -> web.Response:
@@ -268,6 +274,9 @@ _WORKER: dict[str, Any] = {
         "pid": {"type": ["integer", "null"]}, "restarts": {"type": "integer"},
         "ready": {"type": "boolean"}, "gpus": {"type": "array", "items": {"type": "integer"}},
         "port": {"type": ["integer", "null"]},
+        "port_owner": {"enum": ["worker", "other", "none", None],
+                       "description": "GET /v1/status only: whose listener the port reaches, the "
+                                      "worker's own, another process's, or none; null without a port"},
         "since": {"type": "number", "description": "epoch seconds of the last state change"},
         "uptime": {"type": ["number", "null"]},
         "last_exit": {"oneOf": [{"type": "null"}, {

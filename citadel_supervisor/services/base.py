@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -22,6 +23,9 @@ class WorkerInfo:
     #: GPUs assigned to this worker, as NVML indices and UUIDs (empty on the CPU).
     gpu_indices: tuple[int, ...] = ()
     gpu_uuids: tuple[str, ...] = ()
+    #: The pids of the worker's process tree now (reads /proc): set on the info a probe is
+    #: built with, so that it can tell the worker's sockets from a stranger's; empty elsewhere.
+    tree_pids: Callable[[], set[int]] = field(default=lambda: set(), compare=False, repr=False)
 
 
 @dataclass

@@ -9,6 +9,7 @@ can live in a venv of its own. The API key reaches vLLM through
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import sys
@@ -22,6 +23,8 @@ from .. import hookimpl
 from ..config import ProbeConfig, ProbesConfig, ServiceConfig
 from ..durations import Duration
 from ..health import ProbeResult
+from ..listeners import port_owner
+from ..masking import masker
 from .base import ServiceType, SpawnSpec, WorkerInfo
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -156,13 +159,21 @@ def startup_phase(line: str) -> str | None:
 
 
 class InferenceProbe:
-    """A real 1-token request: catches an engine that hangs while ``/health`` still answers."""
+    """A real 1-token request: catches an engine that hangs while ``/health`` still answers.
+
+    With an API key, the request goes only to a listener of the worker's own
+    process tree: another process on the port (one that took it while the worker
+    was down, or before it bound) would receive the key. Then the check fails,
+    naming that process, and nothing is sent.
+    """
 
     def __init__(self, config: ProbeConfig, worker: WorkerInfo, session: aiohttp.ClientSession):
         service = worker.config
-        assert isinstance(service, VllmConfig)
+        assert isinstance(service, VllmConfig) and worker.port
         self.timeout = config.timeout
         self.session = session
+        self.host, self.port = service.host, worker.port
+        self.tree_pids = worker.tree_pids
         base = f"http://{service.host}:{worker.port}"
         embeddings = any("pooling" in a or "embed" in a for a in service.args)
         model = service.model_names()[0]
@@ -176,8 +187,12 @@ class InferenceProbe:
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     async def check(self) -> ProbeResult:
-        """Send the request once."""
+        """Send the request once, if the port is the worker's (see the class)."""
         start = time.monotonic()
+        if self.headers:
+            refusal = await asyncio.to_thread(self._refusal)
+            if refusal is not None:
+                return ProbeResult(False, refusal, time.monotonic() - start)
         try:
             async with self.session.post(self.url, json=self.body, headers=self.headers,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
@@ -189,6 +204,13 @@ class InferenceProbe:
         except aiohttp.ClientError as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         return ProbeResult(ok, detail, time.monotonic() - start)
+
+    def _refusal(self) -> str | None:
+        """None when the listener on the worker's port is the worker's; else why the key stays."""
+        owner = port_owner(self.host, self.port, self.tree_pids)
+        if owner.owner == "worker":
+            return None
+        return masker.mask(owner.refusal())
 
 
 class VllmService(ServiceType):

@@ -66,10 +66,13 @@ class _AttemptFailed(Exception):
     """A worker failed before any byte reached the client."""
 
     def __init__(self, reason: str, status: int | None = None, body: bytes = b"",
-                 content_type: str = "application/json", timed_out: bool = False):
+                 content_type: str = "application/json", timed_out: bool = False,
+                 refused: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.timed_out = timed_out
+        #: Not sent at all (the worker's key may not go to its port): no retry is spent.
+        self.refused = refused
         self.status = status
         self.body = body
         self.content_type = content_type
@@ -101,6 +104,10 @@ class Forwarder:
             except _AttemptFailed as failure:
                 last = failure
                 tried.append(upstream.name)
+                if failure.refused:
+                    logger.warning("{} for model {} (key {}) not sent to {}: {}", req.path, req.model,
+                                   req.key_name, upstream.name, failure.reason)
+                    continue
                 if retries_left <= 0:
                     logger.warning("{} for model {} (key {}) failed on {}: {}", req.path, req.model,
                                    req.key_name, upstream.name, failure.reason)
@@ -150,9 +157,12 @@ class Forwarder:
                        req: ProxiedRequest) -> web.StreamResponse:
         sent = time.perf_counter()
         resp: UpstreamResponse | None = None
+        authorization = self.upstream_auth.get(upstream.service)
+        if authorization is not None and (refusal := upstream.key_refusal()) is not None:
+            raise _AttemptFailed(refusal, refused=True)
         try:
             resp = await self.client.post(upstream.host, upstream.port or 0, req.path, req.body,
-                                          authorization=self.upstream_auth.get(upstream.service))
+                                          authorization=authorization)
             if resp.status in self.retry_statuses:
                 raise _AttemptFailed(f"HTTP {resp.status}", resp.status, await resp.read(),
                                      resp.content_type)

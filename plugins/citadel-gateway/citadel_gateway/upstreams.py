@@ -24,6 +24,9 @@ class Upstream:
     state: str = "stopped"
     ready: bool = False
     host: str = "127.0.0.1"
+    #: citadeld's word on whose listener its port reaches ("worker", "other", "none"),
+    #: or None when citadeld did not say (an older one).
+    port_owner: str | None = None
     #: Requests sent to it and not yet finished (what balancing counts).
     outstanding: int = 0
     base_url: str = field(init=False, default="")
@@ -50,7 +53,21 @@ class Upstream:
             state=str(entry.get("state", "stopped")),
             ready=bool(entry.get("ready", False)),
             host=host,
+            port_owner=owner if isinstance(owner := entry.get("port_owner"), str) else None,
         )
+
+    def key_refusal(self) -> str | None:
+        """Why the worker's API key must not go to its port, or None when it may.
+
+        The key goes only where citadeld saw the worker's own process listening: to
+        another process on the port (one that took it while the worker was down, or
+        before it bound), to nothing, or where citadeld did not say, it stays here.
+        """
+        if self.port_owner == "worker":
+            return None
+        why = {"other": "is held by another process, not by the worker",
+               "none": "has no listener"}.get(self.port_owner or "", "is not known to be the worker's")
+        return f"port {self.port} of {self.name} {why}: its API key is not sent"
 
 
 class UpstreamTable:
@@ -77,6 +94,7 @@ class UpstreamTable:
             if old is not None and old.base_url == upstream.base_url:
                 # Keep the object: requests in flight hold it and release it later.
                 old.models, old.state, old.ready = upstream.models, upstream.state, upstream.ready
+                old.port_owner = upstream.port_owner
                 upstream = old
             fresh[upstream.name] = upstream
         self.workers = fresh
