@@ -6,13 +6,20 @@ a broken one is recorded with its name, distribution and error, and the
 rest load. ``[plugins] disable`` and ``CITADEL_DISABLE_PLUGINS`` (comma
 separated) skip plugins by name; ``CITADEL_TRACE_PLUGINS=1`` traces every
 hook call to stderr.
+
+Every hook call goes through pluggy (so tracing and ``wrapper=True``
+implementations work as pluggy has them), and a plugin's failure stays its
+own: each plain implementation is wrapped, as it is registered, so that an
+exception is logged with the plugin's and the hook's names and the call goes
+on to the other plugins, as if that one had answered None.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -84,6 +91,7 @@ class PluginRegistry:
             try:
                 plugin = ep.load()
                 self.manager.register(plugin, name=ep.name)
+                self._isolate(ep.name)
             # Any error in a third party's import is theirs, not ours; a stray
             # sys.exit() at import time must not end citadeld either.
             except (Exception, SystemExit) as exc:  # noqa: BLE001
@@ -101,41 +109,67 @@ class PluginRegistry:
     def register(self, plugin: object, name: str) -> None:
         """Register a plugin object directly (tests, or embedding citadel)."""
         self.manager.register(plugin, name=name)
+        self._isolate(name)
         self.records[name] = PluginRecord(name, None, None, "loaded", hooks=self._hooks_of(name))
+
+    def _isolate(self, name: str) -> None:
+        """Wrap each plain hook implementation of plugin ``name`` (see the module's doc)."""
+        plugin = self.manager.get_plugin(name)
+        for caller in self.manager.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name == name and not (impl.wrapper or impl.hookwrapper):
+                    # pluggy types it Final, but keeps it a plain slot: the one seam that
+                    # leaves its calling, tracing and wrappers as they are.
+                    impl.function = _isolated(impl.function, name, caller.name)  # type: ignore[misc]
 
     def _hooks_of(self, name: str) -> list[str]:
         plugin = self.manager.get_plugin(name)
         return sorted(h.name for h in self.manager.get_hookcallers(plugin) or [])
 
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call each plugin's implementation of a hook on its own.
-
-        A plugin that raises is logged by name and skipped; the others still
-        run. Returns ``(plugin_name, result)`` for each non-None result.
-        """
-        caller = getattr(self.manager.hook, hook_name)
-        results = []
-        for impl in reversed(caller.get_hookimpls()):
-            try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 (a plugin's bug must not stop the others)
-                logger.opt(exception=exc).error(
-                    "plugin {} failed in hook {}: {}", impl.plugin_name, hook_name,
-                    masker.mask(f"{type(exc).__name__}: {exc}"),
-                )
-                continue
-            if result is not None:
-                results.append((impl.plugin_name, result))
-        return results
+        """Call a hook through pluggy; ``(plugin_name, result)`` for each non-None result,
+        in pluggy's order. A plugin that raises is logged by name and skipped."""
+        answers: list[tuple[str, Any]] = []
+        token = _ANSWERS.set(answers)
+        try:
+            getattr(self.manager.hook, hook_name)(**kwargs)
+        finally:
+            _ANSWERS.reset(token)
+        return answers
 
     def collect_named(self, hook_name: str, what: str) -> dict[str, Any]:
-        """Merge ``{name: value}`` answers of a registration hook; duplicates are errors."""
+        """Merge ``{name: value}`` answers of a registration hook; a name that a second
+        plugin gives too is logged and ignored (the first plugin's stays)."""
         return _merge_named(self.call_each(hook_name), what)
 
     def service_types(self) -> dict[str, Any]:
         """``{type name: ServiceType}`` from every plugin."""
         answers = self.call_each("citadel_service_types")
         return _merge_named([(p, {t.name: t for t in types}) for p, types in answers], "service type")
+
+
+#: Where the isolated implementations put their answers, with their plugin's name,
+#: during a ``call_each`` (pluggy itself returns the answers without names).
+_ANSWERS: ContextVar[list[tuple[str, Any]] | None] = ContextVar("citadel_hook_answers", default=None)
+
+
+def _isolated(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..., Any]:
+    """``function`` (a hook implementation, called by pluggy with positional arguments)
+    that logs an exception by plugin and hook and answers None instead of raising."""
+    def call(*args: Any) -> Any:
+        try:
+            result = function(*args)
+        except Exception as exc:  # noqa: BLE001 (a plugin's bug must not stop the others)
+            logger.opt(exception=exc).error("plugin {} failed in hook {}: {}", plugin, hook,
+                                            masker.mask(f"{type(exc).__name__}: {exc}"))
+            return None
+        answers = _ANSWERS.get()
+        if answers is not None and result is not None:
+            answers.append((plugin, result))
+        return result
+
+    call.__wrapped__ = function  # type: ignore[attr-defined]
+    return call
 
 
 def _merge_named(answers: list[tuple[str, Any]], what: str) -> dict[str, Any]:

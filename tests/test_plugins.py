@@ -203,6 +203,40 @@ def test_call_each_isolates_a_raising_hook() -> None:
     assert registry.collect_named("citadel_config_sections", "config section") == {"records": dict}
 
 
+class _Wraps:
+    """A ``wrapper=True`` implementation: pluggy runs it around the plain ones."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    @hookimpl(wrapper=True)
+    def citadel_config_sections(self) -> Any:
+        answers = yield
+        self.seen.append(answers)
+        return answers
+
+
+def test_hooks_go_through_pluggy_so_wrappers_wrap_and_failures_stay_isolated() -> None:
+    registry = PluginRegistry()
+    wraps = _Wraps()
+    registry.register(_Raises(), "raises")
+    registry.register(_Records(), "records")
+    registry.register(wraps, "wraps")
+    assert registry.call_each("citadel_config_sections") == [("records", {"records": dict})]
+    assert wraps.seen == [[{"records": dict}]], "the wrapper ran once, around every plain answer"
+    # A failing plain implementation answers None; the wrapper and the others still run.
+    assert registry.call_each("citadel_daemon_started", supervisor="SUP") == []
+
+
+def test_trace_plugins_prints_every_hook_call(tmp_path: Path, site: Path) -> None:
+    result = check(tmp_path, site, '[plugins]\ndisable = ["unwanted"]\n' + ECHO_SERVICE,
+                   CITADEL_TRACE_PLUGINS="1")
+    assert result.returncode == 0, result.stderr
+    assert "citadel_service_types" in result.stderr and "finish citadel_service_types" in result.stderr, \
+        result.stderr[-2000:]
+    assert "citadel_check_config" in result.stderr
+
+
 def test_disabled_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CITADEL_DISABLE_PLUGINS", " a, b ,,c")
     assert disabled_from_env() == {"a", "b", "c"}
