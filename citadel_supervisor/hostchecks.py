@@ -83,7 +83,7 @@ def load_check(limits: HostChecksConfig) -> CheckResult:
 
 
 def gpu_checks(gpus: Iterable[Any], limits: HostChecksConfig) -> list[CheckResult]:
-    """``gpu:temperature``, ``gpu:memory_used`` and ``gpu:xid_errors`` per GPU (gpu.py's ``GpuInfo``)."""
+    """``gpu:temperature``, ``gpu:memory_used`` and ``gpu:xid_errors`` per GPU (``gpu.inventory.GpuInfo``)."""
     results = []
     for gpu in gpus:
         who = f"GPU {gpu.index}"

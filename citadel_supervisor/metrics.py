@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 
 from . import __version__
-from .events import EventBus, WorkerEvent
+from .events import WorkerEvent
 from .process import ProcessTree
 from .procstat import ProcStat, open_fds, process_table
 
@@ -148,18 +148,6 @@ class StartupHistogram:
 
 def _le(bound: float) -> str:
     return repr(float(bound))
-
-
-async def follow_events(bus: EventBus, *handlers: Any) -> None:
-    """Feed every worker event to each handler's ``on_event`` until cancelled."""
-    queue = bus.subscribe()
-    try:
-        while True:
-            event = await queue.get()
-            for handler in handlers:
-                handler.on_event(event)
-    finally:
-        bus.unsubscribe(queue)
 
 
 class LoopLagMonitor:
@@ -395,7 +383,7 @@ class HostCollector:
 
 
 class GpuReader:
-    """Refreshes a ``GpuInventory`` (gpu.py) from one thread at a time.
+    """Refreshes a ``GpuInventory`` (gpu/inventory.py) from one thread at a time.
 
     The inventory is used duck-typed: ``refresh()``, and ``gpus``, each with
     ``index``, ``uuid``, ``utilization`` (percent), ``memory_used``,

@@ -211,7 +211,7 @@ def test_real_nvml_without_a_driver_gives_no_inventory_and_says_why(monkeypatch:
 
 
 def test_the_fake_nvml_looks_like_pynvml() -> None:
-    """Every NVML name gpu.py calls exists in pynvml and in the fake, and they fail alike."""
+    """Every NVML name gpu/inventory.py calls exists in pynvml and in the fake, and they fail alike."""
     source = "".join(p.read_text() for p in Path(gpu_module.__file__).parent.glob("*.py")
                      if p.name != "fake_nvml.py")
     used = set(re.findall(r"\b(nvml[A-Z]\w+|NVML_[A-Z_]+|NVMLError\w*)\b", source))

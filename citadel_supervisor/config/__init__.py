@@ -14,7 +14,7 @@ merging and interpolating the files), ``loader`` (``load_config``) and
 
 from __future__ import annotations
 
-from .cross_checks import check_services, find_cycle
+from .cross_checks import find_cycle
 from .errors import ConfigError, ConfigIssue, did_you_mean, format_path
 from .loader import SERVICE_NAME_RE, SectionModels, ServiceModels, load_config
 from .models import (
@@ -48,7 +48,6 @@ __all__ = [
     "SectionModels",
     "ServiceConfig",
     "ServiceModels",
-    "check_services",
     "did_you_mean",
     "find_cycle",
     "format_path",

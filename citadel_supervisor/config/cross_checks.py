@@ -7,19 +7,17 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from .errors import ConfigIssue, did_you_mean, format_path
-from .models import CitadelConfig, ServiceConfig
+from .models import ServiceConfig
 
 
-def check_services(config: CitadelConfig, sources: Callable[[tuple[object, ...]], Path | None]) -> list[ConfigIssue]:
-    """Checks across services: ``after`` names and cycles, port clashes."""
-    return _cross_check(config.services, set(config.services), sources)
-
-
-def _cross_check(
+def check_services(
     services: Mapping[str, ServiceConfig],
     names: set[str],
     sources: Callable[[tuple[object, ...]], Path | None],
 ) -> list[ConfigIssue]:
+    """Checks across ``services`` (those that validated; ``names``: every service the
+    config names): ``after`` names and cycles, port clashes. ``sources`` gives the file
+    that set a key path."""
     issues: list[ConfigIssue] = []
     for name, service in services.items():
         for i, dep in enumerate(service.after):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..interpolation import InterpolationError, Interpolator, read_env_file
 from ..masking import SecretMasker, is_secret_name
-from .cross_checks import _cross_check, check_probe_kinds
+from .cross_checks import check_probe_kinds, check_services
 from .errors import ConfigError, ConfigIssue, did_you_mean, format_path
 from .models import CitadelConfig, ServiceConfig
 from .sources import _interpolate, _merge, _read_toml, _resolve_path, _Sources
@@ -111,7 +111,7 @@ def load_config(
     )
     # Checks across services run on those that validated, so that one run
     # reports every problem; a service that failed is still a known name.
-    issues.extend(_cross_check(services, set(raw_services), sources))
+    issues.extend(check_services(services, set(raw_services), sources))
     if probe_kinds is not None:
         issues.extend(check_probe_kinds(services, probe_kinds, sources))
     if top is None or issues:

@@ -2,7 +2,7 @@
 
 ``FakeNvml`` has the same function names, arguments, return shapes and
 ``NVMLError_*`` exception names as the parts of ``pynvml`` (the
-``nvidia-ml-py`` package) that ``gpu.py`` uses, so ``GpuInventory`` runs the
+``nvidia-ml-py`` package) that ``gpu/inventory.py`` uses, so ``GpuInventory`` runs the
 same code on a fake host as on a real one. The host is described in JSON
 (see ``tests/fixtures/fake_host_8gpu.json``)::
 
@@ -268,12 +268,12 @@ def _apply_dynamic(gpu: FakeGpu, desc: Mapping[str, Any]) -> None:
 
 
 class FakeNvml:
-    """A fake ``pynvml``: pass it wherever ``gpu.py`` takes ``nvml``.
+    """A fake ``pynvml``: pass it wherever ``gpu/inventory.py`` takes ``nvml``.
 
     Build one with ``FakeNvml(host_dict)`` or ``FakeNvml.from_file(path)``.
     """
 
-    #: ``gpu.py`` checks this to label everything it reports as fake.
+    #: ``gpu/inventory.py`` checks this to label everything it reports as fake.
     IS_FAKE = True
 
     NVMLError = NVMLError
