@@ -33,9 +33,10 @@ from . import __version__
 from .events import WorkerEvent
 from .process import ProcessTree
 from .procstat import ProcStat, open_fds, process_table
+from .states import STATE_NAMES
 
 #: The states of the contract, in the order ``citadel_worker_state`` lists them.
-WORKER_STATES = ("stopped", "starting", "running", "backoff", "stopping", "fatal")
+WORKER_STATES = STATE_NAMES
 
 #: Buckets of ``citadel_worker_startup_seconds``: a command starts in well under a
 #: second, a vLLM server in half a minute to a quarter of an hour.

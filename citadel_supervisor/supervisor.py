@@ -14,7 +14,8 @@ from .config import CitadelConfig, ServiceConfig
 from .gpu import GpuAllocation
 from .output import WorkerOutput
 from .services.base import ServiceType, WorkerInfo
-from .worker import Worker, WorkerRuntime, WorkerState
+from .states import WorkerState
+from .worker import Worker, WorkerRuntime
 
 _SETTLED = {WorkerState.STOPPED, WorkerState.FATAL}
 

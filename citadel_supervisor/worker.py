@@ -10,7 +10,6 @@ wake it, so every transition happens in one place.
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,19 +35,8 @@ from .procstat import ProcStat, process_table
 from .restart import RestartPolicy
 from .services.base import ServiceType, WorkerInfo
 from .statefile import StateFile
+from .states import WorkerState
 from .waits import wait_event
-
-
-class WorkerState(str, enum.Enum):
-    """The states of the contract."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    FATAL = "fatal"
-
 
 #: Variables of citadeld's own environment that must not reach a worker.
 _PRIVATE_ENV = (

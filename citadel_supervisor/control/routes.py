@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..masking import masker
+from ..states import STATE_NAMES
 from ..waits import within
 from ..worker import port_owners
 from . import API_PREFIX
@@ -270,7 +271,7 @@ _WORKER: dict[str, Any] = {
                  "last_exit"],
     "properties": {
         "name": {"type": "string"}, "service": {"type": "string"}, "type": {"type": "string"},
-        "state": {"enum": ["stopped", "starting", "running", "backoff", "stopping", "fatal"]},
+        "state": {"enum": list(STATE_NAMES)},
         "pid": {"type": ["integer", "null"]}, "restarts": {"type": "integer"},
         "ready": {"type": "boolean"}, "gpus": {"type": "array", "items": {"type": "integer"}},
         "port": {"type": ["integer", "null"]},
