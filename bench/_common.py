@@ -23,9 +23,11 @@ import tempfile
 import textwrap
 import time
 import xmlrpc.client
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from citadel_supervisor.testing import free_port, free_ports, wait_until  # noqa: F401 (the benches' too)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -149,34 +151,6 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 def median(values: Sequence[float]) -> float:
     """The median, or NaN for no values."""
     return statistics.median(values) if values else float("nan")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open while they are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def free_port() -> int:
-    """One free port."""
-    return free_ports(1)[0]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import json
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from hypothesis import settings
+
+from citadel_supervisor.testing import (  # noqa: F401 (tests import them from here)
+    free_port,
+    free_port_run,
+    free_ports,
+    process_gone,
+    wait_gone,
+    wait_until,
+)
 
 # Property tests: the default profile, "ci", is derandomized and keeps no example
 # database, so every run draws the same examples and a run cannot fail by chance.
@@ -156,72 +163,6 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
             except subprocess.TimeoutExpired:
                 daemon.proc.kill()
                 daemon.proc.wait()
-
-
-def process_gone(pid: int) -> bool:
-    """True when no live process has this pid (a zombie counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held open while they are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def free_port() -> int:
-    """One free loopback port."""
-    return free_ports(1)[0]
-
-
-def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (for replicas at port + N)."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65536:
-            continue
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            for offset, sock in enumerate(socks):
-                sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise AssertionError(f"found no {count} consecutive free ports")
-
-
-def wait_until(predicate: Any, timeout: float = 20, what: str = "condition") -> Any:
-    """Poll ``predicate()`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
-    """Wait until every pid is gone; the ones still alive at the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if not process_gone(p)]
-        if not alive:
-            return []
-        time.sleep(0.05)
-    return [p for p in pids if not process_gone(p)]
 
 
 class Accounts:

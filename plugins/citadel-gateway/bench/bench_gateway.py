@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 
 import aiohttp
 
+from citadel_supervisor.testing import free_ports
+
 HERE = Path(__file__).resolve().parent
 FAKE = HERE.parent / "tests" / "fake_upstream.py"
 BIN = Path(sys.executable).parent
@@ -49,13 +50,6 @@ LITELLM_VENV = Path(os.environ.get("CITADEL_BENCH_LITELLM_VENV", "/tmp/citadel-b
 KEY = "sk-bench-" + hashlib.sha256(str(os.getpid()).encode()).hexdigest()[:24]
 BODY = json.dumps({"model": "fake", "max_tokens": 8,
                    "messages": [{"role": "user", "content": "Say hello."}]}).encode()
-
-
-def free_port() -> int:
-    """A port free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
@@ -95,9 +89,8 @@ class Stack:
     def __init__(self, root: Path, with_litellm: bool):
         self.root = root
         self.with_litellm = with_litellm
-        self.upstream_port = free_port()
-        self.gateway_port = free_port()
-        self.litellm_port = free_port()
+        # Picked together, so that none repeats.
+        self.upstream_port, self.gateway_port, self.litellm_port = free_ports(3)
         self.daemon: subprocess.Popen[bytes] | None = None
         self.litellm: subprocess.Popen[bytes] | None = None
         self.socket = root / "run" / "control.sock"

@@ -9,27 +9,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from citadel_supervisor.testing import free_ports, wait_until  # noqa: F401 (the tests import them from here)
+
 HERE = Path(__file__).resolve().parent
 FAKE = HERE / "fake_upstream.py"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that are free now (bound and released; fine on a test machine)."""
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def sha256_hash(key: str) -> str:
@@ -99,17 +86,6 @@ def read_sse(resp: http.client.HTTPResponse) -> list[str]:
         if line.startswith("data: "):
             events.append(line[len("data: "):])
     return events
-
-
-def wait_until(predicate: Any, timeout: float = 15, what: str = "condition") -> Any:
-    """Poll ``predicate()`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_gateway_models(gw: Http, key: str | None, models: set[str], timeout: float = 20) -> None:
