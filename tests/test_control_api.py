@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CITADELD, RunningDaemon
+from conftest import CITADELD, RunningDaemon, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -168,6 +168,15 @@ def test_a_stalled_client_does_not_hold_the_daemon(daemon: RunningDaemon) -> Non
     assert daemon.status()[SOLO]["state"] == "running"
 
 
+def _refusal(daemon: RunningDaemon) -> ControlError | None:
+    """The error of one status call, or None when it was served."""
+    try:
+        ControlClient(str(daemon.socket)).call("GET", "/v1/status")
+    except ControlError as exc:
+        return exc
+    return None
+
+
 def test_connections_beyond_the_cap_get_503(daemon: RunningDaemon) -> None:
     idle = []
     try:
@@ -175,11 +184,10 @@ def test_connections_beyond_the_cap_get_503(daemon: RunningDaemon) -> None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(daemon.socket))
             idle.append(sock)
-        time.sleep(0.2)  # let the daemon accept them all
-        with pytest.raises(ControlError) as refused:
-            ControlClient(str(daemon.socket)).call("GET", "/v1/status")
-        assert refused.value.status == 503
-        assert "too many connections" in str(refused.value)
+        # Until citadeld has accepted all eight, a ninth caller may still be served.
+        refused = wait_until(lambda: _refusal(daemon), timeout=10, what="a caller over the cap refused")
+        assert refused.status == 503
+        assert "too many connections" in str(refused)
     finally:
         for sock in idle:
             sock.close()
@@ -366,3 +374,30 @@ def test_the_daemon_serves_its_openapi_document(daemon: RunningDaemon) -> None:
         for method in ops:
             code, data = http(daemon.socket, method.upper(), url, b"[]" if method == "post" else None)
             assert code == (400 if method == "post" else 200), (path, data)
+
+
+def test_an_answer_sent_before_the_request_is_read_still_reaches_the_caller(tmp_path: Path) -> None:
+    """citadeld answers a connection over its cap at once and hangs up: the caller's send
+    then fails (EPIPE), but the 503 waits in its socket and is what it reports."""
+    path = tmp_path / "refuser.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def refuse_one() -> None:
+        conn, _ = server.accept()
+        body = b'{"error": "too many connections to citadeld; try again"}'
+        conn.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.close()  # without reading the request
+
+    refuser = threading.Thread(target=refuse_one)
+    refuser.start()
+    try:
+        # A body larger than the socket's buffers: the send cannot finish before the hang-up.
+        with pytest.raises(ControlError) as refused:
+            ControlClient(str(path), timeout=10).call("POST", "/v1/start", {"names": ["x" * 4_000_000]})
+        assert refused.value.status == 503 and "too many connections" in str(refused.value)
+    finally:
+        refuser.join(10)
+        server.close()

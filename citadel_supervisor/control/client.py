@@ -112,6 +112,18 @@ class ControlClient:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         try:
             sock.sendall(head.encode() + b"\r\n" + payload)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # citadeld may answer at once and hang up before the request is sent (a 503 to
+            # a connection over its cap): its answer still waits in the socket.
+            try:
+                return _Answer(sock)
+            except OSError:
+                sock.close()
+                raise DaemonUnreachableError(f"citadeld on {self.socket_path} did not answer: {exc}") from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachableError(f"citadeld on {self.socket_path} did not answer: {exc}") from None
+        try:
             return _Answer(sock)
         except OSError as exc:
             sock.close()
