@@ -22,23 +22,26 @@ import aiohttp
 from loguru import logger
 
 from . import __version__
-from .cgroups import CgroupTree
 from .config import CitadelConfig, ConfigError, ConfigIssue, load_config
 from .control.access import AccessPolicy
-from .control.responses import json_response
+from .control.openapi import builtin_routes
+from .control.route import Route, accept_plugin_routes
 from .control.server import ControlServer
 from .events import EventBus, WorkerEvent
-from .exporter import Exporter
-from .gpu import GpuAllocation, GpuDetection, wait_released
-from .gpu_plan import plan_gpus
-from .health import BUILTIN_KINDS, ProbeKinds
-from .masking import masker
+from .exporter.server import Exporter
+from .gpu import GpuAllocation, GpuDetection
+from .gpu.metrics import GpuReader
+from .gpu.plan import plan_gpus
+from .gpu.plugin import GpuPlugin
+from .logs.masking import masker
 from .plugins import PluginRegistry
-from .process import become_subreaper, children
-from .statefile import StateFile
+from .probes.runner import ProbeKinds
+from .process.cgroups import CgroupTree
+from .process.spawn import become_subreaper, children
+from .process.statefile import StateFile
 from .supervisor import Supervisor
 from .systemd import Notifier
-from .worker import Worker, WorkerRuntime
+from .worker.lifecycle import WorkerRuntime
 
 
 def disabled_plugins(path: Path) -> list[str]:
@@ -52,8 +55,8 @@ def disabled_plugins(path: Path) -> list[str]:
 
 
 def probe_kinds(registry: PluginRegistry) -> ProbeKinds:
-    """Every probe kind: the built-in ones and those plugins add (``citadel_probe_kinds``)."""
-    return ProbeKinds({**BUILTIN_KINDS, **registry.collect_named("citadel_probe_kinds", "probe kind")})
+    """Every probe kind, Citadel's own and plugins' (``citadel_probe_kinds``)."""
+    return ProbeKinds(registry.collect_named("citadel_probe_kinds", "probe kind"))
 
 
 def load_validated(path: Path, registry: PluginRegistry) -> CitadelConfig:
@@ -160,7 +163,6 @@ class Daemon:
         self.supervisor: Supervisor = None  # type: ignore[assignment]  # set in run()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._reload_lock = asyncio.Lock()
-        self._routes: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         #: Config reloads by result ("success", "failure"), for the exporter.
         self.reloads: Counter[str] = Counter()
@@ -170,13 +172,10 @@ class Daemon:
         if event.kind == "state":
             self.notifier.status(self.supervisor.summary())
 
-    def extra_routes(self) -> list[tuple[str, Callable[..., Awaitable[Any]]]]:
-        """GET routes other parts (health, GPUs) add to the control API."""
-        return list(self._routes)
-
-    def add_route(self, path: str, handler: Callable[..., Awaitable[Any]]) -> None:
-        """Add a read-only GET route to the control API (before it starts)."""
-        self._routes.append((path, handler))
+    def control_routes(self) -> list[Route]:
+        """The GET routes parts and plugins add to the control API (``citadel_control_routes``)."""
+        taken = {route.path for route in builtin_routes()}
+        return accept_plugin_routes(self.plugins.call_each("citadel_control_routes"), taken)
 
     # -- actions from the control API ----------------------------------------
 
@@ -236,28 +235,21 @@ class Daemon:
         self.notifier.ready(self.supervisor.summary())
         return True, result.to_json()
 
-    # -- GPUs -------------------------------------------------------------------
+    # -- assembly -------------------------------------------------------------
 
-    async def _wait_gpus_released(self, worker: Worker) -> None:
-        """Before a restart: wait (bounded) until the dead worker's GPU memory is free."""
+    def _assemble(self, session: aiohttp.ClientSession, control_connections: int) -> Exporter:
+        """Register the parts that need the running daemon as built-in plugins: the GPU
+        part and the exporter (the modules of ``DEFAULT_PLUGINS`` are registered already)."""
         inventory = self.gpus.inventory
-        if inventory is None or not worker.info.gpu_uuids:
-            return
-        others = {pid for w in self.supervisor.workers.values()
-                  if w is not worker and w.proc is not None for pid in w.proc.members()}
-        await wait_released(inventory, worker.info.gpu_uuids, None,
-                            worker.info.config.gpu_release_timeout, other_pids=others)
-
-    async def _gpus_route(self, request: Any) -> Any:
-        """GET /v1/gpus: the inventory, and which worker holds which GPU."""
-        inventory = self.gpus.inventory
-        owners: dict[int, str] = {}
-        if inventory is not None:
-            await asyncio.to_thread(inventory.refresh)
-            for w in self.supervisor.workers.values():
-                if w.proc is not None:
-                    owners.update((pid, w.name) for pid in w.proc.members())
-        return json_response(self.gpus.to_json(owners, self.allocation.by_device()))
+        reader = GpuReader(inventory) if inventory is not None else None
+        self.plugins.register_builtin(
+            GpuPlugin(self.gpus, reader, workers=lambda: list(self.supervisor.workers.values()),
+                      assigned=lambda: self.allocation.by_device()),
+            "gpu")
+        exporter = Exporter(self.config, self.supervisor, self.plugins, self.events, self.reloads,
+                            session, gpus=reader, control_connections=control_connections)
+        self.plugins.register_builtin(exporter, "exporter")
+        return exporter
 
     # -- running ----------------------------------------------------------------
 
@@ -307,13 +299,9 @@ class Daemon:
         async with aiohttp.ClientSession() as session:
             runtime = WorkerRuntime(session=session, plugins=self.plugins, events=self.events,
                                     state_file=state_file, probe_kinds=probe_kinds(self.plugins),
-                                    cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory,
-                                    before_restart=self._wait_gpus_released)
+                                    cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory)
             self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
-            self.add_route("/gpus", self._gpus_route)
-            self.exporter = Exporter(self, session, gpus=self.gpus.inventory,
-                                     control_connections=control.limits.max_connections)
-            self.add_route("/health", self.exporter.health_route)
+            self.exporter = self._assemble(session, control.limits.max_connections)
             self._closers.append(self.exporter.close)
             await control.start()
             await self.exporter.start()

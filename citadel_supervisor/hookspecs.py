@@ -22,10 +22,13 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from .config import CitadelConfig, ConfigIssue
+    from .control.route import Route
     from .events import WorkerEvent
-    from .health import ProbeFactory
+    from .exporter.snapshot import Scrape
+    from .probes.base import ProbeFactory
     from .services.base import ServiceType, SpawnSpec, WorkerInfo
     from .supervisor import Supervisor
+    from .worker.restart_policy import RestartWait
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
@@ -41,7 +44,8 @@ def citadel_service_types() -> list[ServiceType]:
 
     Each ``ServiceType`` names the value of ``type = "..."`` it handles, the
     pydantic model that validates its config table, and how to spawn its
-    workers. Two plugins providing the same type name is an error.
+    workers. A type name that a second plugin provides too is logged, and the
+    second one's is ignored.
     """
 
 
@@ -62,6 +66,18 @@ def citadel_probe_kinds() -> dict[str, ProbeFactory]:
     (the probe's ``ProbeConfig``, the worker's ``WorkerInfo`` and the daemon's
     ``aiohttp.ClientSession``) and returns an object with an
     ``async check() -> ProbeResult`` method.
+    """
+
+
+@hookspec
+def citadel_control_routes() -> list[Route]:
+    """Return read-only ``GET`` routes to add to the control API, under ``/v1``.
+
+    Each ``Route`` (``citadel_supervisor.control.route``) names its path, its
+    handler (``async handler(request) -> web.Response``), a summary and the
+    JSON schema of its answer, for the OpenAPI document. Callers need read
+    access, as for every GET. A route that is not GET, or whose path another
+    route has, is logged and left out.
     """
 
 
@@ -94,6 +110,19 @@ def citadel_prepare_spawn(worker: WorkerInfo, spec: SpawnSpec) -> None:
 
 
 @hookspec
+def citadel_before_restart(worker: WorkerInfo) -> RestartWait | None:
+    """Hold a failed worker's restart until something is over; None holds nothing.
+
+    :param worker: the worker about to be spawned again, its backoff served.
+        Return a ``RestartWait`` (``citadel_supervisor.worker.restart_policy``):
+        what the worker waits for, shown in its status, and the awaitable that
+        ends when that is over. It must end by itself within a bound (the GPU
+        part waits at most the service's ``gpu_release_timeout``); one that
+        raises is logged by plugin and the restart goes on.
+    """
+
+
+@hookspec
 def citadel_worker_event(event: WorkerEvent) -> None:
     """Be told of a worker event: a state change, a restart, an exit, going fatal.
 
@@ -112,6 +141,18 @@ def citadel_metric_collectors(supervisor: Supervisor) -> list[Any]:
 
     :param supervisor: the running supervisor, to read workers from. Each
         collector's ``collect()`` runs in the exporter's thread, not the loop.
+    """
+
+
+@hookspec
+def citadel_scrape_collectors(scrape: Scrape) -> list[Any]:
+    """Return prometheus_client collectors for one scrape of ``/metrics``.
+
+    :param scrape: the workers as copied on the loop for this scrape, each running
+        worker's live processes, and the ``[exporter]`` config. Called on every
+        scrape, in the exporter's thread, not the loop: the collectors may read
+        ``/proc`` or NVML, and should be quick. Citadel's own process, host and
+        GPU families come through this hook.
     """
 
 

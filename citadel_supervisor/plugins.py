@@ -1,4 +1,10 @@
-"""Plugin discovery: the ``citadel`` entry-point group, each entry point loaded on its own.
+"""Plugins: Citadel's own parts (``DEFAULT_PLUGINS``), then the ``citadel`` entry-point group.
+
+Citadel's built-in parts are plugins too, as pytest's are: the service types,
+the probe kinds and the scrape collectors are modules listed in
+``DEFAULT_PLUGINS``, registered first; the parts that need the running daemon
+(the GPU part, the exporter) are objects the daemon registers as it assembles
+itself (``register_builtin``). Listing the plugins lists every part.
 
 pluggy's ``load_setuptools_entrypoints`` lets one broken plugin abort the
 loading of all. Here each entry point is loaded and registered separately;
@@ -16,6 +22,7 @@ on to the other plugins, as if that one had answered None.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -27,8 +34,12 @@ from typing import Any
 import pluggy
 from loguru import logger
 
-from . import PROJECT_NAME, hookspecs
-from .masking import masker
+from . import PROJECT_NAME, __version__, hookspecs
+from .config.sources import disabled_from_env
+from .logs.masking import masker
+
+#: The distribution Citadel's built-in parts come with.
+DISTRIBUTION = "citadel-supervisor"
 
 
 @dataclass
@@ -41,6 +52,8 @@ class PluginRecord:
     status: str  # "loaded" | "failed" | "disabled"
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    #: One of Citadel's own parts (``DEFAULT_PLUGINS``, or registered by the daemon).
+    builtin: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The record as the control API answers it."""
@@ -51,12 +64,19 @@ class PluginRecord:
             "status": self.status,
             "hooks": self.hooks,
             "error": self.error,
+            "builtin": self.builtin,
         }
 
 
-def disabled_from_env() -> set[str]:
-    """Plugin names listed in ``CITADEL_DISABLE_PLUGINS``."""
-    return {n.strip() for n in os.environ.get("CITADEL_DISABLE_PLUGINS", "").split(",") if n.strip()}
+#: Citadel's parts that are plain modules, by plugin name, registered in this order
+#: before any installed plugin (a plugin's name must not be one of these).
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("command", "citadel_supervisor.services.command"),
+    ("vllm", "citadel_supervisor.services.vllm"),
+    ("probes", "citadel_supervisor.probes.kinds"),
+    ("processes", "citadel_supervisor.exporter.collectors.processes"),
+    ("host", "citadel_supervisor.exporter.collectors.host"),
+)
 
 
 class PluginRegistry:
@@ -75,6 +95,17 @@ class PluginRegistry:
         """The hook relay: ``registry.hook.citadel_service_types()``."""
         return self.manager.hook
 
+    def load_defaults(self, disable: Iterable[str] = ()) -> None:
+        """Register the modules of ``DEFAULT_PLUGINS`` (but those disabled by name)."""
+        disabled = set(disable) | disabled_from_env()
+        for name, module in DEFAULT_PLUGINS:
+            if name in disabled:
+                self.records[name] = PluginRecord(name, DISTRIBUTION, __version__, "disabled",
+                                                  builtin=True)
+                logger.info("built-in plugin {} is disabled", name)
+                continue
+            self.register_builtin(importlib.import_module(module), name)
+
     def load_entry_points(self, disable: Iterable[str] = ()) -> None:
         """Load every entry point of the ``citadel`` group, isolating failures."""
         disabled = set(disable) | disabled_from_env()
@@ -83,7 +114,10 @@ class PluginRegistry:
             dist_name = dist.metadata["Name"] if dist is not None else None
             version = dist.version if dist is not None else None
             if ep.name in self.records:
-                continue  # the same entry point seen twice (e.g. an editable install)
+                if self.records[ep.name].builtin and dist_name != DISTRIBUTION:
+                    logger.error("plugin {} from {} {} has the name of a built-in part; skipped",
+                                 ep.name, dist_name, version)
+                continue  # or the same entry point seen twice (e.g. an editable install)
             if ep.name in disabled:
                 self.records[ep.name] = PluginRecord(ep.name, dist_name, version, "disabled")
                 logger.info("plugin {} ({}) is disabled", ep.name, dist_name)
@@ -111,6 +145,13 @@ class PluginRegistry:
         self.manager.register(plugin, name=name)
         self._isolate(name)
         self.records[name] = PluginRecord(name, None, None, "loaded", hooks=self._hooks_of(name))
+
+    def register_builtin(self, plugin: object, name: str) -> None:
+        """Register one of Citadel's own parts (a module, or an object the daemon made)."""
+        self.manager.register(plugin, name=name)
+        self._isolate(name)
+        self.records[name] = PluginRecord(name, DISTRIBUTION, __version__, "loaded",
+                                          hooks=self._hooks_of(name), builtin=True)
 
     def _isolate(self, name: str) -> None:
         """Wrap each plain hook implementation of plugin ``name`` (see the module's doc)."""
@@ -190,7 +231,8 @@ def _merge_named(answers: list[tuple[str, Any]], what: str) -> dict[str, Any]:
 
 
 def load_plugins(disable: Iterable[str] = ()) -> PluginRegistry:
-    """A registry with every installed plugin loaded (but those disabled)."""
+    """A registry with Citadel's own modules and every installed plugin loaded (but those disabled)."""
     registry = PluginRegistry()
+    registry.load_defaults(disable)
     registry.load_entry_points(disable)
     return registry

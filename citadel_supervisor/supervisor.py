@@ -12,10 +12,10 @@ from loguru import logger
 
 from .config import CitadelConfig, ServiceConfig
 from .gpu import GpuAllocation
-from .output import WorkerOutput
+from .logs.worker_output import WorkerOutput
 from .services.base import ServiceType, WorkerInfo
 from .states import WorkerState
-from .worker import Worker, WorkerRuntime
+from .worker.lifecycle import Worker, WorkerRuntime
 
 _SETTLED = {WorkerState.STOPPED, WorkerState.FATAL}
 

@@ -339,9 +339,9 @@ def fuzz_daemon(tmp_path_factory: Any) -> Any:
 
 
 class _NoExtraRoutes:
-    """Just enough of a Daemon to build the app: no routes added by other modules."""
+    """Just enough of a Daemon to build the app: no routes added by parts or plugins."""
 
-    def extra_routes(self) -> list[Any]:
+    def control_routes(self) -> list[Any]:
         return []
 
 

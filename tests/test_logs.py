@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from citadel_supervisor.logs import escape_control, resolve_format, setup_logging
-from citadel_supervisor.masking import masker
+from citadel_supervisor.logs.daemon_log import escape_control, resolve_format, setup_logging
+from citadel_supervisor.logs.masking import masker
 
 ANSI_RE = re.compile(r"\x1b\[")
 TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d")

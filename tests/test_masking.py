@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from citadel_supervisor.masking import MASK, SecretMasker, is_secret_name
+from citadel_supervisor.logs.masking import MASK, SecretMasker, is_secret_name
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from conftest import CITADELCTL, CITADELD
 
-from citadel_supervisor.masking import masker
-from citadel_supervisor.output import RateLimiter, RotatingFile, WorkerOutput
+from citadel_supervisor.logs.masking import masker
+from citadel_supervisor.logs.worker_output import RateLimiter, RotatingFile, WorkerOutput
 
 # --------------------------------------------------------------------------
 # RotatingFile

@@ -24,8 +24,8 @@ import psutil
 import pytest
 from conftest import RunningDaemon, process_gone, wait_until
 
-from citadel_supervisor.cgroups import CgroupTree
-from citadel_supervisor.process import SPAWN_ID_ENV
+from citadel_supervisor.process.cgroups import CgroupTree
+from citadel_supervisor.process.spawn import SPAWN_ID_ENV
 
 NOBODY = 65534
 CAP_KILL = 5

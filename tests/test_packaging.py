@@ -23,7 +23,7 @@ from conftest import RunningDaemon, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from citadel_supervisor.config import DaemonConfig, ServiceConfig
-from citadel_supervisor.metrics import GpuCollector
+from citadel_supervisor.gpu.metrics import GpuCollector
 
 ROOT = Path(__file__).parent.parent
 PACKAGING = ROOT / "packaging"

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,9 @@ from conftest import CITADELD, wait_gone
 from loguru import logger
 
 from citadel_supervisor import hookimpl
-from citadel_supervisor.plugins import PluginRegistry, disabled_from_env
+from citadel_supervisor.config.sources import disabled_from_env
+from citadel_supervisor.control.client import ControlClient
+from citadel_supervisor.plugins import PluginRegistry
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins_for_tests"
 
@@ -121,11 +124,28 @@ def test_daemon_with_real_plugins(daemon_factory: Any, site: Path, tmp_path: Pat
         plugins["good"]["hooks"])
     assert plugins["faulty"]["status"] == "loaded"
     assert plugins["unwanted"]["status"] == "disabled"
-    assert plugins["command"]["status"] == "loaded"  # the built-in type is a plugin too
+    # Citadel's own parts are plugins too, listed as built-in:
+    builtin = {name for name, p in plugins.items() if p["builtin"]}
+    assert builtin == {"command", "vllm", "probes", "processes", "host", "gpu", "exporter"}
+    assert all(plugins[name]["status"] == "loaded" for name in builtin)
+    assert plugins["gpu"]["hooks"] == ["citadel_before_restart", "citadel_control_routes",
+                                       "citadel_scrape_collectors"]
+    assert not plugins["good"]["builtin"]
+
+    # A plugin's GET route is served and described; its POST route and its taken path were
+    # left out, and logged by plugin.
+    client = ControlClient(str(d.socket))
+    assert client.call("GET", "/v1/good/greeting") == {"greeting": "hello from the good plugin"}
+    described = client.call("GET", "/v1/openapi.json")["paths"]
+    assert list(described["/v1/good/greeting"]) == ["get"]
+    assert {"/v1/gpus", "/v1/health"} <= set(described)
+    assert "plugin good adds the control route POST /good/greeting: only GET routes" in d.logs()
+    assert "plugin good adds the control route GET /status, which is taken" in d.logs()
 
     table = d.ctl("plugins").stdout
     assert "broken" in table and "failed" in table and "citadel-test-broken 1.0" in table
     assert "error: RuntimeError: broken on purpose" in table
+    assert re.search(r"^gpu +loaded +citadel-supervisor \S+ \(built-in\)$", table, re.MULTILINE), table
 
     # faulty raised in every citadel_worker_event; the daemon logged it by name, and went on:
     log = d.logs()
@@ -138,6 +158,17 @@ def test_daemon_with_real_plugins(daemon_factory: Any, site: Path, tmp_path: Pat
     d.ctl("restart", "hello")
     d.wait_for(lambda s: s["hello"]["state"] == "running" and s["hello"]["pid"] != pid,
                what="hello to run again after a restart")
+
+    # A worker that dies is restarted after the plugins' waits (citadel_before_restart):
+    # the good plugin's ran, and the faulty plugin's, which raised, was logged by name.
+    pid = d.status()["hello"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    d.wait_for(lambda s: s["hello"]["state"] == "running" and s["hello"]["pid"] not in (None, pid),
+               what="hello to run again after it was killed")
+    noted = [json.loads(line) for line in events.read_text().splitlines()]
+    assert {"kind": "before_restart", "worker": "hello"} in noted
+    assert ("plugin faulty failed while the restart waited for the faulty plugin's wait: "
+            "ValueError: wait exploded") in d.logs()
     assert "was imported" not in d.logs()
 
 

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from citadel_supervisor.procstat import open_fds, parse_stat, process_table, read_stat
+from citadel_supervisor.process.procstat import open_fds, parse_stat, process_table, read_stat
 
 # A child with three threads and a few extra open files, that burns some CPU first.
 CHILD = """

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from citadel_supervisor.federation import FederatedFamilies, PageRelabeler, page_by_line
+from citadel_supervisor.exporter.federation import FederatedFamilies, PageRelabeler, page_by_line
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,8}(:[a-z0-9_]{1,6})?", fullmatch=True)
 # Hazards for the fast path (labels named service or worker, escaped quotes, empty

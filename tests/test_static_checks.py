@@ -29,7 +29,7 @@ def test_the_states_module_is_a_leaf_and_every_state_has_its_place() -> None:
 
     from citadel_supervisor.cli.citadelctl import _STATE_COLOURS
     from citadel_supervisor.control.routes import _WORKER as WORKER_SCHEMA
-    from citadel_supervisor.metrics import WORKER_STATES
+    from citadel_supervisor.exporter.collectors.supervisor import WORKER_STATES
     from citadel_supervisor.states import STATE_NAMES, WorkerState
 
     tree = ast.parse((REPO / "citadel_supervisor" / "states.py").read_text())

@@ -31,7 +31,7 @@ _HEALTH_COLOURS = {"pass": "green", "warn": "yellow", "fail": "red"}
 
 def _mask(text: str) -> str:
     """The one masking step (answers are masked by citadeld already; this catches the rest)."""
-    from ..masking import masker
+    from ..logs.masking import masker
 
     return masker.mask(text)
 
@@ -346,7 +346,7 @@ def logs(ctl: Ctl, name: str, lines: int, follow: bool) -> None:
     """Show a worker's recent output (from its in-memory ring)."""
     from urllib.parse import quote
 
-    from ..logs import escape_control
+    from ..logs.daemon_log import escape_control
 
     try:
         for line in ctl.stream(f"/logs/{quote(name, safe='')}?n={lines}&follow={int(follow)}"):
@@ -441,13 +441,15 @@ def gpus(ctl: Ctl, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
 @click.pass_obj
 def plugins(ctl: Ctl, as_json: bool) -> None:
-    """List plugins: name, version, hooks, and why one failed to load."""
+    """List plugins, Citadel's own parts first: name, version, hooks, and why one failed to load."""
     data = ctl.call("GET", "/plugins")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     for p in data["plugins"]:
-        version = f"{p['distribution']} {p['version']}" if p.get("distribution") else "built-in"
+        version = f"{p['distribution']} {p['version']}" if p.get("distribution") else "unknown"
+        if p.get("builtin"):
+            version += " (built-in)"
         click.echo(f"{p['name']:<16} {p['status']:<9} {version}")
         if p.get("hooks"):
             click.echo(f"  hooks: {', '.join(p['hooks'])}")

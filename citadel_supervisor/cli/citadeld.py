@@ -27,8 +27,8 @@ def main(config_path: Path, check: bool, log_level: str | None, log_format: str 
     from ..config import ConfigError
     from ..daemon import Daemon, disabled_plugins, load_and_plan
     from ..gpu import detect_gpus
-    from ..logs import setup_logging
-    from ..masking import masker
+    from ..logs.daemon_log import setup_logging
+    from ..logs.masking import masker
     from ..plugins import load_plugins
 
     setup_logging((log_level or "INFO").upper(), log_format or "auto")

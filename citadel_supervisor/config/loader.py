@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from ..interpolation import InterpolationError, Interpolator, read_env_file
-from ..masking import SecretMasker, is_secret_name
+from ..logs.masking import SecretMasker, is_secret_name
 from .cross_checks import check_probe_kinds, check_services
 from .errors import ConfigError, ConfigIssue, did_you_mean, format_path
+from .interpolation import InterpolationError, Interpolator, read_env_file
 from .models import CitadelConfig, ServiceConfig
-from .sources import _interpolate, _merge, _read_toml, _resolve_path, _Sources
+from .sources import _interpolate, _merge, _read_toml, _resolve_path, _Sources, disabled_from_env
 from .validation_errors import _issues_from_validation
 
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
@@ -211,7 +211,6 @@ def _validate_plugin_sections(
     out: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return out
-    from ..plugins import disabled_from_env  # here: plugins.py is the heavier module
 
     disabled = (set(top.plugins.disable) if top else set()) | disabled_from_env()
     for name, table in raw.items():

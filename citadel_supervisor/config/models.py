@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..accounts import RunAs, can_switch_users
-from ..durations import Duration
+from ..process.accounts import RunAs, can_switch_users
+from .durations import Duration
 
 
 class Model(BaseModel):
@@ -128,6 +128,10 @@ class ServiceConfig(Model):
     gpus_shared: bool = Field(False, description="other services may use these GPUs too")
     gpu_release_timeout: Duration = Field(
         60.0, ge=0, description="before a restart, wait this long for the GPUs' memory to be freed"
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="the address the worker listens on: its probes, scrapes and port check reach it there",
     )
     metrics: str | None = Field(
         None, description="the worker's own Prometheus page to federate: a URL, or a path on its port"

@@ -6,13 +6,14 @@ issue names the file that set the key.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..interpolation import InterpolationError, Interpolator
 from .errors import ConfigIssue, format_path
+from .interpolation import InterpolationError, Interpolator
 
 
 class _Sources:
@@ -82,3 +83,7 @@ def _resolve_path(value: Path | None, base: Path) -> Path | None:
     value = value.expanduser()
     return value if value.is_absolute() else (base / value)
 
+
+def disabled_from_env() -> set[str]:
+    """Plugin names listed in ``CITADEL_DISABLE_PLUGINS`` (comma separated)."""
+    return {n.strip() for n in os.environ.get("CITADEL_DISABLE_PLUGINS", "").split(",") if n.strip()}

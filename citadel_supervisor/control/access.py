@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..procstat import read_stat
+from ..process.procstat import read_stat
 
 Access = Literal["control", "read", "none"]
 
@@ -69,7 +69,7 @@ def group_ids(names: list[str]) -> set[int]:
     return gids
 
 
-#: A worker's cgroup's name starts so (cgroups.py names them).
+#: A worker's cgroup's name starts so (process/cgroups.py names them).
 _WORKER_CGROUP = "/citadel-worker-"
 #: Deeper than any real process tree: a walk that goes on is not trusted.
 _MAX_DEPTH = 512

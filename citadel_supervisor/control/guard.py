@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from ..masking import masker
+from ..logs.masking import masker
 from ..supervisor import UnknownWorkerError
 from .access import AccessPolicy, Peer, in_worker_tree
 from .responses import BadRequestError, error_response

@@ -12,35 +12,16 @@ import json
 import re
 from typing import Any
 
+from aiohttp import web
+
 from .. import __version__
 from . import API_PREFIX
-from .routes import ROUTES, Route
+from .responses import json_response
+from .route import Route
+from .routes import ROUTES, ROUTES_KEY
 
 _ERROR: dict[str, Any] = {"type": "object", "required": ["error"],
                           "properties": {"error": {"type": "string"}}}
-
-#: Answers of routes that other modules add through ``Daemon.add_route``.
-KNOWN_ANSWERS: dict[str, dict[str, Any]] = {
-    "/health": {
-        "type": "object", "required": ["status"],
-        "description": "application/health+json (draft-inadarei-api-health-check)",
-        "properties": {"status": {"enum": ["pass", "warn", "fail"]},
-                       "checks": {"type": "object", "additionalProperties": {
-                           "type": "array", "items": {"type": "object"}}}},
-    },
-    "/gpus": {
-        "type": "object", "required": ["available", "gpus"],
-        "properties": {
-            "available": {"type": "boolean"}, "reason": {"type": ["string", "null"]},
-            "gpus": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"index": {"type": "integer"}, "uuid": {"type": "string"},
-                               "name": {"type": "string"}, "memory_total": {"type": "integer"},
-                               "memory_used": {"type": "integer"},
-                               "workers": {"type": "array", "items": {"type": "string"}}}}}},
-    },
-}
-
 
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
@@ -65,7 +46,7 @@ def _operation(route: Route) -> dict[str, Any]:
               "content": {route.stream: {"schema": {"type": "string"}}}}
     else:
         ok = {"description": "OK", "content": {"application/json": {
-            "schema": KNOWN_ANSWERS.get(route.path, answer or {"type": "object"})}}}
+            "schema": answer or {"type": "object"}}}}
     responses: dict[str, Any] = {"200": ok}
     if route.body is not None or route.query or params:
         responses["400"] = _error("a malformed request: bad JSON, wrong types, unknown keys")
@@ -82,10 +63,24 @@ def _operation(route: Route) -> dict[str, Any]:
     return op
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """GET /v1/openapi.json: this API, described."""
+    return json_response(document(request.app[ROUTES_KEY]))
+
+
+#: The route that serves the document; the last of the built-in routes.
+OPENAPI_ROUTE = Route("GET", "/openapi.json", openapi, "this document", answer={"type": "object"})
+
+
+def builtin_routes() -> list[Route]:
+    """The control API's own routes (those plugins add come between these and nothing else)."""
+    return [*ROUTES, OPENAPI_ROUTE]
+
+
 def document(routes: list[Route] | None = None) -> dict[str, Any]:
     """The OpenAPI document for ``routes`` (the built-in ones by default)."""
     paths: dict[str, dict[str, Any]] = {}
-    for route in routes if routes is not None else ROUTES:
+    for route in routes if routes is not None else builtin_routes():
         paths.setdefault(API_PREFIX + route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..masking import masker
+from ..logs.masking import masker
 
 
 def json_response(data: Any, status: int = 200, content_type: str = "application/json") -> web.Response:

@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from .. import __version__
-from ..masking import masker
+from ..logs.masking import masker
 from ..states import STATE_NAMES
 from ..waits import within
-from ..worker import port_owners
+from ..worker.lifecycle import port_owners
 from . import API_PREFIX
 from .responses import BadRequestError, json_response
+from .route import Route
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -31,8 +30,6 @@ DAEMON_KEY = web.AppKey("daemon", object)
 #: Seconds a caller has to send a request body once its headers arrived.
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 T = TypeVar("T")
 
 #: Seconds between checks, while a follow waits for news, that its caller is still there.
@@ -40,23 +37,6 @@ T = TypeVar("T")
 #: followers nothing to write (whose failure would tell): without the check, a dropped
 #: follow would hold its request slot until citadeld restarts.
 GONE_CHECK_PERIOD = 0.5
-
-
-@dataclass(frozen=True)
-class Route:
-    """One path of the API, with what the OpenAPI document says about it."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    #: JSON schema of the request body (POST), or None.
-    body: dict[str, Any] | None = None
-    #: JSON schema of a 200 answer; None for streams.
-    answer: dict[str, Any] | None = None
-    #: The media type of a streamed answer.
-    stream: str | None = None
-    query: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _daemon(request: web.Request) -> Daemon:
@@ -243,13 +223,6 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def openapi(request: web.Request) -> web.Response:
-    """GET /v1/openapi.json: this API, described."""
-    from .openapi import document
-
-    return json_response(document(request.app[ROUTES_KEY]))
-
-
 # -- schemas, for the OpenAPI document ---------------------------------------
 
 _ACTION_BODY: dict[str, Any] = {
@@ -325,12 +298,5 @@ ROUTES: list[Route] = [
           stream="application/x-ndjson",
           query={"snapshot": {"type": "string", "enum": list(_YES_NO), "default": "0"},
                  "follow": {"type": "string", "enum": list(_YES_NO), "default": "1"}}),
-    Route("GET", "/openapi.json", openapi, "this document", answer={"type": "object"}),
 ]
 
-
-def extra_route(path: str, handler: Handler) -> Route:
-    """A GET route another part of citadeld adds (health, gpus): summary from its docstring."""
-    doc = (handler.__doc__ or "").strip().splitlines()
-    return Route("GET", path, handler, doc[0] if doc else f"GET {API_PREFIX}{path}",
-                 answer={"type": "object"})

@@ -24,15 +24,12 @@ from . import API_PREFIX
 from .access import AccessPolicy, Peer
 from .admission import CappedSockSite, ConnectionGate
 from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_READ_REQUESTS_KEY, MAX_REQUESTS_KEY, guard
-from .responses import error_response, json_response
-from .routes import BODY_TIMEOUT_KEY, DAEMON_KEY, ROUTES, ROUTES_KEY, extra_route
+from .openapi import OPENAPI_ROUTE
+from .routes import BODY_TIMEOUT_KEY, DAEMON_KEY, ROUTES, ROUTES_KEY
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-# Routes other modules add (``Daemon.add_route``) answer with these.
-__all__ = ["ControlLimits", "ControlServer", "SocketInUseError", "bind_socket", "error_response",
-           "json_response", "make_app"]
 
 
 class SocketInUseError(RuntimeError):
@@ -98,7 +95,8 @@ class ControlLimits:
 
 
 def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None = None) -> web.Application:
-    """The aiohttp application of the control API: built-in routes plus ``daemon.extra_routes()``."""
+    """The aiohttp application of the control API: its own routes and those plugins add
+    (``daemon.control_routes()``), then the OpenAPI document's, which describes them all."""
     limits = limits or ControlLimits()
     app = web.Application(middlewares=[guard], client_max_size=limits.max_body)
     app[ACCESS_KEY] = policy
@@ -107,7 +105,7 @@ def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None 
     app[MAX_READ_REQUESTS_KEY] = limits.max_read_requests
     app[ACTIVE_KEY] = {"n": 0, "control": 0, "read": 0}
     app[BODY_TIMEOUT_KEY] = limits.read_timeout
-    routes = ROUTES + [extra_route(path, handler) for path, handler in daemon.extra_routes()]
+    routes = [*ROUTES, *daemon.control_routes(), OPENAPI_ROUTE]
     app[ROUTES_KEY] = routes
     for route in routes:
         app.router.add_route(route.method, API_PREFIX + route.path, route.handler)

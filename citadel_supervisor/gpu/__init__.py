@@ -29,6 +29,7 @@ from .allocation import (
     check_memory_fractions,
     pick_group,
 )
+from .cpus import format_cpulist, parse_cpulist
 from .inventory import (
     FAKE_NVML_ENV,
     GpuDetection,
@@ -38,9 +39,7 @@ from .inventory import (
     MigDevice,
     NvmlApi,
     detect_gpus,
-    format_cpulist,
     load_nvml,
-    parse_cpulist,
 )
 from .placement import WorkerPlacement, wait_released, worker_placement
 

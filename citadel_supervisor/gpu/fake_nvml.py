@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .inventory import parse_cpulist
+from .cpus import parse_cpulist
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -15,6 +15,8 @@ from typing import Any
 
 from loguru import logger
 
+from .cpus import format_cpulist, parse_cpulist
+
 #: Set to a fake host's JSON file to make citadeld use the FAKE NVML.
 FAKE_NVML_ENV = "CITADEL_FAKE_NVML"
 
@@ -30,29 +32,8 @@ _INIT_HINTS = {
 
 
 # --------------------------------------------------------------------------
-# CPU lists and GPU index lists, as people write them
+# GPU index lists, as people write them
 # --------------------------------------------------------------------------
-
-
-def parse_cpulist(text: str) -> set[int]:
-    """``"0-3,8"`` -> ``{0, 1, 2, 3, 8}`` (the kernel's cpulist format)."""
-    cpus: set[int] = set()
-    for part in text.replace(" ", "").strip().split(","):
-        if part:
-            first, _, last = part.partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
-
-
-def format_cpulist(cpus: Iterable[int]) -> str:
-    """``{0, 1, 2, 3, 8}`` -> ``"0-3,8"``."""
-    runs: list[list[int]] = []
-    for cpu in sorted(set(cpus)):
-        if runs and cpu == runs[-1][1] + 1:
-            runs[-1][1] = cpu
-        else:
-            runs.append([cpu, cpu])
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 def _host_gpus(indices: Iterable[int]) -> str:

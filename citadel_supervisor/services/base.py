@@ -109,5 +109,5 @@ class ServiceType(ABC):
         if page and not page.startswith("/"):
             return page
         if page and worker.port:
-            return f"http://{getattr(worker.config, 'host', '127.0.0.1')}:{worker.port}{page}"
+            return f"http://{worker.config.host}:{worker.port}{page}"
         return None

@@ -21,10 +21,10 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from .. import hookimpl
 from ..config import ProbeConfig, ProbesConfig, ServiceConfig
-from ..durations import Duration
-from ..health import ProbeResult
-from ..listeners import port_owner
-from ..masking import masker
+from ..config.durations import Duration
+from ..logs.masking import masker
+from ..probes.base import ProbeResult
+from ..process.listeners import port_owner
 from .base import ServiceType, SpawnSpec, WorkerInfo
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -51,7 +51,6 @@ class VllmConfig(ServiceConfig):
     served_model_name: list[str] | str | None = Field(
         None, description="the name(s) clients ask for; default: the model as given"
     )
-    host: str = "127.0.0.1"
     port: int | None = Field(
         None, ge=0, le=65535,
         description="replica N listens on port + N; unset or 0 allocates from daemon.port_range",

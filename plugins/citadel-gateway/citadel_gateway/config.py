@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from citadel_supervisor.config import Model, ServiceConfig
-from citadel_supervisor.durations import Duration
+from citadel_supervisor.config.durations import Duration
 
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 

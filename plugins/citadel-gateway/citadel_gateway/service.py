@@ -25,7 +25,7 @@ from citadel_supervisor.config import (
     ProbesConfig,
     format_path,
 )
-from citadel_supervisor.masking import masker
+from citadel_supervisor.logs.masking import masker
 from citadel_supervisor.services.base import ServiceType, SpawnSpec, WorkerInfo
 
 from .config import GatewayConfig, GatewaySettings

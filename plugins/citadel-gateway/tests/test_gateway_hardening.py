@@ -21,7 +21,7 @@ from citadel_gateway.service import citadel_check_config
 from citadel_gateway.upstreams import UpstreamTable
 
 from citadel_supervisor.config import load_config
-from citadel_supervisor.masking import masker
+from citadel_supervisor.logs.masking import masker
 from citadel_supervisor.services.command import CommandConfig
 
 KEY = "sk-hardening-test-key-0001"

@@ -18,7 +18,7 @@ from loguru import logger
 from pydantic import BaseModel
 
 from citadel_supervisor import hookimpl
-from citadel_supervisor.masking import masker
+from citadel_supervisor.logs.masking import masker
 
 from . import __version__
 from .config import WebhookConfig

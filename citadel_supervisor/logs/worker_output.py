@@ -24,9 +24,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from .logs import escape_control
+from ..waits import wait_event
+from .daemon_log import escape_control
 from .masking import masker
-from .waits import wait_event
 
 _READ_SIZE = 65536
 # One thread writes every worker's log file, chunk by chunk in order: a rotation's

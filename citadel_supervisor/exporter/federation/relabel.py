@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..masking import masker
+from ...logs.masking import masker
 from .validate import page_problem
 
 #: Sample-name suffixes that belong to a family of the base name.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from .config import ServiceConfig
+from ..config import ServiceConfig
 
 
 @dataclass
@@ -63,3 +64,13 @@ class RestartPolicy:
         """Forget past failures (a manual start clears ``fatal``)."""
         self.failures.clear()
         self.quick_exits = 0
+
+
+@dataclass
+class RestartWait:
+    """What a plugin holds a restart for (``citadel_before_restart``): shown in the worker's
+    status while it waits (``waiting``), and the awaitable that ends when it is over."""
+
+    #: What the worker waits for, in a few words ("GPU memory release").
+    what: str
+    until: Awaitable[object]

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from loguru import logger
 
-from .relabel import Family, PageRelabeler, RelabelledPage
+from .relabel import Family, RelabelledPage
 
 
 class FederatedFamilies:
@@ -35,10 +35,6 @@ class FederatedFamilies:
             groups.setdefault(key, []).append(page)
         for group in groups.values():
             self.add_pages(group)
-
-    def add_page(self, service: str, worker: str, text: str) -> None:
-        """Add one worker's page (Prometheus text format) with its labels."""
-        self.add_pages([PageRelabeler(service, worker).split(text)])
 
     def add_pages(self, pages: list[RelabelledPage]) -> None:
         """Add pages that share one layout (or one page without any)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .config import CitadelConfig, ConfigIssue
-from .gpu import GpuAllocation, GpuDetection, allocate_gpus, check_memory_fractions
-from .services.base import ServiceType
+from ..config import CitadelConfig, ConfigIssue
+from ..services.base import ServiceType
+from . import GpuAllocation, GpuDetection, allocate_gpus, check_memory_fractions
 
 
 def plan_gpus(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -20,23 +20,24 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
-from .accounts import RunAs
-from .cgroups import CgroupTree
-from .config import ProbeConfig
-from .events import EventBus, WorkerEvent
-from .gpu import GpuInventory, WorkerGpus, worker_placement
-from .health import ProbeFactory, ProbeResult, ProbeRunner
-from .listeners import Owner, listening_sockets, port_owner
-from .masking import masker
-from .output import WorkerOutput
-from .plugins import PluginRegistry
-from .process import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
-from .procstat import ProcStat, process_table
-from .restart import RestartPolicy
-from .services.base import ServiceType, WorkerInfo
-from .statefile import StateFile
-from .states import WorkerState
-from .waits import wait_event
+from ..config import ProbeConfig
+from ..events import EventBus, WorkerEvent
+from ..gpu import GpuInventory, WorkerGpus, worker_placement
+from ..logs.masking import masker
+from ..logs.worker_output import WorkerOutput
+from ..plugins import PluginRegistry
+from ..probes.base import ProbeFactory, ProbeResult
+from ..probes.runner import ProbeRunner
+from ..process.accounts import RunAs
+from ..process.cgroups import CgroupTree
+from ..process.listeners import Owner, listening_sockets, port_owner
+from ..process.procstat import ProcStat, process_table
+from ..process.spawn import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
+from ..process.statefile import StateFile
+from ..services.base import ServiceType, WorkerInfo
+from ..states import WorkerState
+from ..waits import wait_event
+from .restart_policy import RestartPolicy, RestartWait
 
 #: Variables of citadeld's own environment that must not reach a worker.
 _PRIVATE_ENV = (
@@ -63,8 +64,6 @@ class WorkerRuntime:
     cgroup_tree: CgroupTree | None = None
     #: NVML's view of the GPUs (None on a CPU host), for pinning workers.
     gpu_inventory: GpuInventory | None = None
-    #: Awaited before a restart (the GPU module waits for GPU memory to be released).
-    before_restart: Callable[[Worker], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -264,10 +263,22 @@ class Worker:
                 self._set_state(WorkerState.BACKOFF, delay=round(decision.delay, 3))
                 if await wait_event(self._interrupt, decision.delay):
                     continue  # a stop or start request cut the backoff short
-            if self.runtime.before_restart is not None:
-                if self.info.gpu_uuids:
-                    self._set_state(WorkerState.BACKOFF, waiting="GPU memory release")
-                await self.runtime.before_restart(self)
+            await self._before_restart()
+
+    async def _before_restart(self) -> None:
+        """Wait for what plugins hold the restart for (``citadel_before_restart``), each in turn;
+        one that raises is logged by plugin, and the restart goes on."""
+        for plugin, wait in self.runtime.plugins.call_each("citadel_before_restart", worker=self.info):
+            if not isinstance(wait, RestartWait):
+                self._log.error("plugin {} answered citadel_before_restart with a {}, not a "
+                                "RestartWait; ignored", plugin, type(wait).__name__)
+                continue
+            self._set_state(WorkerState.BACKOFF, waiting=wait.what)
+            try:
+                await wait.until
+            except Exception as exc:  # noqa: BLE001 (a plugin's wait must not end the worker's task)
+                self._log.error("plugin {} failed while the restart waited for {}: {}", plugin, wait.what,
+                                masker.mask(f"{type(exc).__name__}: {exc}"))
 
     def _spawn(self) -> ProcessTree:
         spec = self.service_type.spawn_spec(self.info)
@@ -287,7 +298,7 @@ class Worker:
                "CITADEL_WORKER": self.name, "CITADEL_SERVICE": self.info.service}
         masker.add_env(env)
         if self.info.port:
-            check_port_free(getattr(self.info.config, "host", "127.0.0.1"), self.info.port)
+            check_port_free(self.info.config.host, self.info.port)
         tree = self.runtime.cgroup_tree
         cgroup = tree.prepare(self.name) if tree is not None else None
         return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity, run_as=run_as)
@@ -453,7 +464,7 @@ class Worker:
             "ready": self.ready,
             "gpus": list(self.info.gpu_indices),
             "gpu_uuids": list(self.info.gpu_uuids),
-            "host": getattr(self.info.config, "host", None),
+            "host": self.info.config.host,
             "port": self.info.port,
             "models": self.service_type.models(self.info),
             "since": self.since,
@@ -470,7 +481,7 @@ def port_owners(workers: Sequence[Worker]) -> list[Owner | None]:
     """For each worker, whose listener its port reaches (``"worker"``, ``"other"``,
     ``"none"``), or None without a port. Reads /proc, the socket tables and the host's
     process table once each, and only when needed: not on the event loop."""
-    targets = [(w, getattr(w.info.config, "host", None) or "127.0.0.1", w.info.port) for w in workers]
+    targets = [(w, w.info.config.host, w.info.port) for w in workers]
     if not any(port for _, _, port in targets):
         return [None] * len(targets)
     sockets = listening_sockets()

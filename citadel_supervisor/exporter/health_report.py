@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .metrics import WorkerSnapshot
+from .snapshot import WorkerSnapshot
 
 #: The media type of the report.
 HEALTH_JSON = "application/health+json"

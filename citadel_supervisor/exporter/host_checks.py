@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from .config import HostChecksConfig
+from ..config import HostChecksConfig
 from .health_report import CheckResult
 
 

@@ -83,9 +83,9 @@ async def fetch_page(session: aiohttp.ClientSession, target: ScrapeTarget, timeo
     except UnicodeDecodeError:
         return ScrapeResult(target, True, duration, dropped=NOT_UTF8)
     relabeler = relabeler or PageRelabeler(target.service, target.worker)
-    # On the loop, on purpose: a page takes under half a millisecond, while handing it to
-    # a thread made the loop wait for the GIL (up to the 5 ms switch interval) on every
-    # read of the other pages still arriving. The sleep(0) gives each page its own turn
+    # On the loop, on purpose: a page is quick to split, while handing it to a thread made
+    # the loop wait for the GIL (up to the interpreter's switch interval) on every read of
+    # the other pages still arriving (docs/benchmarks.md). The sleep(0) gives each page its own turn
     # of the loop, so that pages arriving together do not add up into one long stall.
     await asyncio.sleep(0)
     page = relabeler.split(text)

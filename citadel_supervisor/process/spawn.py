@@ -10,8 +10,8 @@ One spawn path (``spawn``) for every child citadeld starts. Each worker:
   subreaper) are recognised as the worker's;
 - is put in its own cgroup where a writable cgroup v2 subtree exists.
 
-A spawned worker is a ``ProcessTree`` (process_tree.py); the orphans its tree
-leaves behind are reaped by ``children`` (reaper.py).
+A spawned worker is a ``ProcessTree`` (process/tree.py); the orphans its tree
+leaves behind are reaped by ``children`` (process/reaper.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import psutil
 from loguru import logger
 
 from .accounts import RunAs
-from .process_tree import SPAWN_ID_ENV, ExitStatus, ProcessTree
 from .reaper import children
+from .tree import SPAWN_ID_ENV, ExitStatus, ProcessTree
 
 __all__ = [
     "PR_SET_CHILD_SUBREAPER",
@@ -70,7 +70,7 @@ def _preexec(cgroup_procs_fd: int | None, cpus: set[int] | None, parent: int) ->
         # Runs between fork and exec: raw syscalls only.
         # SIGTERM, not SIGKILL: vLLM's API server then takes its EngineCore and Worker
         # down with it (SIGKILL would orphan them, holding GPU memory: vLLM issue 55510).
-        # A leader that ignores SIGTERM is stopped by the next citadeld (statefile.py).
+        # A leader that ignores SIGTERM is stopped by the next citadeld (process/statefile.py).
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # citadeld died before the prctl took effect
             os._exit(1)

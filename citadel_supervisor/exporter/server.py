@@ -11,8 +11,8 @@
 A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML, or
 runs plugins' code, and gzip, run in threads; the workers' pages are fetched
 concurrently, each bounded by ``scrape_timeout``, and relabelled as they
-arrive; the merge and render take the loop for about 2 ms (none while no page
-changed). The health report is also written to ``STATE_DIR/health.json``
+arrive; the merge and render take the loop briefly (not at all while no page
+changed; docs/benchmarks.md has the figures). The health report is also written to ``STATE_DIR/health.json``
 whenever it changes.
 
 The listener never starves the rest of citadeld: it holds at most
@@ -29,7 +29,8 @@ import os
 import resource
 import time
 import zlib
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -37,10 +38,17 @@ from loguru import logger
 from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
-from .control.admission import CappedTCPSite, ConnectionGate
-from .control.responses import json_response
-from .events import WorkerEvent
+from .. import __version__, hookimpl
+from ..config import CitadelConfig
+from ..control.admission import CappedTCPSite, ConnectionGate
+from ..control.responses import json_response
+from ..control.route import Route
+from ..events import EventBus, WorkerEvent
+from ..gpu.metrics import GpuReader
+from ..plugins import PluginRegistry
+from ..waits import wait_event
+from .collectors import collect_safely
+from .collectors.supervisor import SupervisorCollector
 from .exposition import OPENMETRICS_EOF, Encoder, FamilyEncoder
 from .federation import (
     FederationCollector,
@@ -60,25 +68,16 @@ from .health_report import (
     readiness,
     worker_checks,
 )
-from .hostchecks import run_host_checks
-from .metrics import (
-    GpuCollector,
-    GpuReader,
-    HostCollector,
-    LoopLagMonitor,
-    ProcessCollector,
-    StartupHistogram,
-    SupervisorCollector,
-    WorkerSnapshot,
-    collect_safely,
-    snapshot_workers,
-    tree_members,
-)
-from .waits import wait_event
+from .host_checks import run_host_checks
+from .monitors import LoopLagMonitor, StartupHistogram
+from .snapshot import Scrape, WorkerSnapshot, snapshot_workers, tree_members
 
-#: zlib's window bits for a gzip header and trailer. gzip through zlib directly is a third
-#: cheaper than gzip.compress; level 1, as most of a page is repeated label sets, that even
-#: the fastest level shrinks 8-fold.
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
+
+#: zlib's window bits for a gzip header and trailer. gzip through zlib directly is cheaper
+#: than gzip.compress; level 1, as most of a page is repeated label sets, which even the
+#: fastest level shrinks well (docs/benchmarks.md).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
@@ -130,24 +129,42 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
-class Exporter:
-    """The listener, the loop-lag monitor, and the health checks with their file."""
+#: The answer of ``GET /v1/health``, for the OpenAPI document.
+HEALTH_ANSWER: dict[str, Any] = {
+    "type": "object", "required": ["status"],
+    "description": "application/health+json (draft-inadarei-api-health-check)",
+    "properties": {"status": {"enum": ["pass", "warn", "fail"]},
+                   "checks": {"type": "object", "additionalProperties": {
+                       "type": "array", "items": {"type": "object"}}}},
+}
 
-    def __init__(self, daemon: Any, session: aiohttp.ClientSession, gpus: Any = None,
-                 control_connections: int = 64):
-        """``daemon``: the running ``Daemon``; ``session``: its one HTTP client session;
-        ``gpus``: its ``GpuInventory``, or None on a host without GPUs;
-        ``control_connections``: the control socket's cap, whose descriptors are kept free."""
-        self.daemon = daemon
+
+class Exporter:
+    """The listener, the loop-lag monitor, and the health checks with their file.
+
+    A built-in plugin too (``exporter``): it adds ``GET /v1/health`` to the control API.
+    """
+
+    def __init__(self, config: CitadelConfig, supervisor: Supervisor, plugins: PluginRegistry,
+                 events: EventBus, reloads: Counter[str], session: aiohttp.ClientSession, *,
+                 gpus: GpuReader | None = None, control_connections: int = 64):
+        """``config``: citadeld's config as it started (``[exporter]`` and ``[daemon]`` change
+        only on a restart); ``reloads``: the daemon's count of config reloads by result,
+        kept up to date by it; ``session``: its one HTTP client session; ``gpus``: the
+        reader of its GPUs, or None on a host without; ``control_connections``: the control
+        socket's cap, whose descriptors are kept free."""
+        self.supervisor = supervisor
+        self.plugins = plugins
+        self.events = events
+        self.reloads = reloads
         self.control_connections = control_connections
-        self.config = daemon.config.exporter
+        self.config = config.exporter
         self.session = session
         self.startup = StartupHistogram()
         self.loop_lag = LoopLagMonitor()
-        self.gpus = GpuReader(gpus) if gpus is not None else None
-        self.host = HostCollector(self.config.disk_paths)
+        self.gpus = gpus
         self.host_results: list[CheckResult] = []
-        self.health_file = HealthFile(daemon.config.daemon.state_dir / "health.json")
+        self.health_file = HealthFile(config.daemon.state_dir / "health.json")
         self.plugin_collectors: list[Any] = []
         self.relabelers: dict[tuple[str, str], PageRelabeler] = {}
         self.page_drops = PageDrops()
@@ -163,10 +180,10 @@ class Exporter:
 
     async def start(self) -> None:
         """Start the monitors and the health file, then listen (if ``listen`` is set)."""
-        supervisor = self.daemon.supervisor
-        for _, collectors in self.daemon.plugins.call_each("citadel_metric_collectors", supervisor=supervisor):
+        answers = self.plugins.call_each("citadel_metric_collectors", supervisor=self.supervisor)
+        for _, collectors in answers:
             self.plugin_collectors.extend(collectors)
-        events = self.daemon.events.subscribe()  # now, so that no spawn is missed
+        events = self.events.subscribe()  # now, so that no spawn is missed
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.loop_lag.run(), name="exporter-loop-lag"),
@@ -229,7 +246,7 @@ class Exporter:
                 self.startup.on_event(event)
                 self._changed.set()
         finally:
-            self.daemon.events.unsubscribe(events)
+            self.events.unsubscribe(events)
 
     # -- health -------------------------------------------------------------
 
@@ -239,7 +256,7 @@ class Exporter:
 
     def report(self) -> dict[str, Any]:
         """The ``application/health+json`` report as of now."""
-        return build_report(self.checks(snapshot_workers(self.daemon.supervisor)), __version__)
+        return build_report(self.checks(snapshot_workers(self.supervisor)), __version__)
 
     def _host_checks(self) -> list[CheckResult]:
         gpus = self.gpus.read() if self.gpus is not None else []
@@ -275,7 +292,7 @@ class Exporter:
     async def readyz(self, request: web.Request) -> web.Response:
         """GET /readyz[?service=NAME]: 200 when ready for traffic, else 503."""
         service = request.query.get("service")
-        workers = snapshot_workers(self.daemon.supervisor)
+        workers = snapshot_workers(self.supervisor)
         try:
             ready, services = readiness(workers, service)
         except KeyError:
@@ -293,10 +310,17 @@ class Exporter:
         """Health report: every check (pass, warn or fail), as application/health+json."""
         return json_response(self.report())
 
+    @hookimpl
+    def citadel_control_routes(self) -> list[Route]:
+        """``GET /v1/health``: the health report, whatever its status (200)."""
+        return [Route("GET", "/health", self.health_route,
+                      "Health report: every check (pass, warn or fail), as application/health+json",
+                      answer=HEALTH_ANSWER)]
+
     async def metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: everything, in the format the scraper asked for."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        workers = snapshot_workers(self.daemon.supervisor)
+        workers = snapshot_workers(self.supervisor)
         # What reads /proc, NVML or plugins' code runs in a thread (a host without
         # cgroups lists all its processes; a wedged GPU can hang NVML) while the
         # workers' pages are fetched and relabelled, on the loop, as they arrive.
@@ -332,23 +356,23 @@ class Exporter:
 
     def _collect_supervisor(self, workers: list[WorkerSnapshot]) -> list[Metric]:
         """The supervisor's families (on the loop: they read its live state)."""
-        records = getattr(self.daemon.plugins, "records", {})
         collector = SupervisorCollector(
             workers,
             startup=self.startup,
             loop_lag=self.loop_lag,
-            plugins={name: record.status for name, record in records.items()},
-            reloads=dict(getattr(self.daemon, "reloads", {})),
+            plugins={name: record.status for name, record in self.plugins.records.items()},
+            reloads=dict(self.reloads),
             checks=check_statuses(self.checks(workers)),
         )
         return collect_safely([collector])
 
     def _encode_local(self, workers: list[WorkerSnapshot], encoder: Encoder) -> bytes:
-        """Processes, host, GPUs and plugins' collectors, encoded (in a thread: /proc, NVML)."""
-        members = tree_members(workers)
-        collectors: list[Any] = [ProcessCollector(workers, members), self.host]
-        if self.gpus is not None:
-            collectors.append(GpuCollector(self.gpus.read(), workers, members))
+        """The scrape's collectors (processes, host, GPUs, plugins') and the plugins' lasting
+        ones, encoded (in a thread: they read /proc and NVML)."""
+        scrape = Scrape(workers, tree_members(workers), self.config)
+        collectors: list[Any] = []
+        for _, answer in self.plugins.call_each("citadel_scrape_collectors", scrape=scrape):
+            collectors.extend(answer)
         return self._local_encoder.encode(collect_safely(collectors + self.plugin_collectors), encoder)
 
     def render(self, own: list[Metric], local: bytes, results: list[ScrapeResult], encoder: Encoder,
@@ -356,8 +380,8 @@ class Exporter:
         """The page: the supervisor's families, the local ones (already encoded), the
         federation's status, then the workers' merged families.
 
-        About 2 ms of CPU for eight changing vLLM pages: on the loop, as a thread
-        would cost more in handing the GIL back and forth than it spares the loop.
+        On the loop, as a thread would cost more in handing the GIL back and forth than it
+        spares the loop (docs/benchmarks.md, bench/bench_exporter.py).
         """
         head = self._own_encoder.encode(
             own + collect_safely([FederationCollector(results, self.page_drops)]), encoder)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import cgroups
 from .cgroups import CgroupTree
-from .process_tree import SPAWN_ID_ENV, open_pidfd, send_signal
+from .tree import SPAWN_ID_ENV, open_pidfd, send_signal
 
 #: Far more than citadeld writes (an entry is about 150 bytes): a larger file is not its.
 _MAX_BYTES = 1 << 20
@@ -67,7 +67,7 @@ class StateFile:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
         # One writer thread, so writes land in order and never block the loop
-        # (a rename on a busy ext4 has taken 70 ms here).
+        # (a rename on a busy file system can take tens of milliseconds).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statefile")
 
     def add(self, worker: str, pid: int, create_time: float, cgroup: Path | None,

@@ -1,0 +1,40 @@
+"""What a probe is: one check's ``ProbeResult``, the ``Probe`` protocol and the factory type.
+
+Three roles, as Kubernetes has them: a *startup* probe runs until its first
+success (bounded by the service's ``startup_timeout``); a *liveness* probe
+failing ``failure_threshold`` times in a row restarts the worker; a
+*readiness* probe sets the worker's ``ready`` flag and never restarts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from ..config import ProbeConfig
+from ..services.base import WorkerInfo
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One check's outcome."""
+
+    ok: bool
+    detail: str
+    duration: float
+    time: float = field(default_factory=time.time)
+
+
+class Probe(Protocol):
+    """Anything with ``async check()``; plugins add kinds through ``citadel_probe_kinds``."""
+
+    async def check(self) -> ProbeResult:
+        """Run one check."""
+
+
+#: ``factory(config, worker, session)`` -> a Probe.
+ProbeFactory = Callable[[ProbeConfig, WorkerInfo, aiohttp.ClientSession], Probe]

@@ -1,0 +1,1 @@
+"""One worker: its lifecycle (start, probe, stop, restart) and its restart policy."""
