@@ -30,7 +30,7 @@ from citadel_supervisor.testing import (  # noqa: F401 (tests import them from h
 # Property tests: the default profile, "ci", is derandomized and keeps no example
 # database, so every run draws the same examples and a run cannot fail by chance.
 # "explore" searches afresh each run, with many more examples, and keeps what it
-# finds in .hypothesis/: ``pytest --hypothesis-profile explore tests/test_relabel_properties.py``.
+# finds in .hypothesis/: ``pytest --hypothesis-profile explore tests/unit/test_relabel_properties.py``.
 settings.register_profile("ci", max_examples=200, derandomize=True, database=None,
                           deadline=None, print_blob=True)
 settings.register_profile("explore", max_examples=20_000, deadline=None)

@@ -12,7 +12,7 @@ import pytest
 
 from citadel_supervisor import PROJECT_NAME, hookspecs
 
-DOC = Path(__file__).parent.parent / "docs" / "plugin-hooks.md"
+DOC = Path(__file__).parents[2] / "docs" / "plugin-hooks.md"
 HEADING_RE = re.compile(r"^### (citadel_\w+)\((.*)\)\s*$", re.MULTILINE)
 
 

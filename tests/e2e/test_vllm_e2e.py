@@ -23,7 +23,7 @@ import psutil
 import pytest
 from conftest import free_port, wait_gone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("CITADEL_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 MODEL_DIR = Path(os.environ.get("CITADEL_MODEL_DIR", REPO / "var" / "models"))
 CHAT_MODEL = MODEL_DIR / "smollm2-135m-instruct"

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from conftest import wait_gone
 
-TREE = Path(__file__).parent / "workers" / "tree.py"
+TREE = Path(__file__).parents[1] / "workers" / "tree.py"
 
 
 def _tree_service(pidfile: Path, extra: str = "") -> str:

@@ -39,7 +39,7 @@ from citadel_supervisor.gpu import (
 )
 from citadel_supervisor.gpu.fake_nvml import FakeNvml, GiB
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 HOST_8GPU = FIXTURES / "fake_host_8gpu.json"
 HOST_MIG = FIXTURES / "fake_host_mig.json"
 NODE0, NODE1 = set(range(32)), set(range(32, 64))

@@ -28,7 +28,7 @@ from citadel_supervisor.process.listeners import (
     reaches,
 )
 
-SQUATTER = Path(__file__).parent / "workers" / "squatter.py"
+SQUATTER = Path(__file__).parents[1] / "workers" / "squatter.py"
 KEY = "sk-worker-key-never-for-strangers-7f3a"
 
 

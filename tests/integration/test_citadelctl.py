@@ -251,7 +251,7 @@ def test_gpus_with_the_fake_nvml(daemon_factory: Any) -> None:
         type = "command"
         command = ["sleep", "600"]
         gpus = [1]
-        """, env={"CITADEL_FAKE_NVML": str(Path(__file__).parent / "fixtures" / "fake_host_8gpu.json")})
+        """, env={"CITADEL_FAKE_NVML": str(Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json")})
     d.wait_state(name, "running")
     data = json.loads(d.ctl("gpus", "--json").stdout)
     assert data["available"] is True and len(data["gpus"]) == 8

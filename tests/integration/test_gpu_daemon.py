@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 from conftest import CITADELD
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json"
 PY = sys.executable
 UUID = "GPU-fa4e0000-0000-4000-8000-00000000000{}"
 

@@ -15,7 +15,7 @@ from citadel_supervisor.cli import docgen
 from citadel_supervisor.config.durations import Duration
 from citadel_supervisor.plugins import load_plugins
 
-DOC = Path(__file__).parent.parent / "docs" / "config-reference.md"
+DOC = Path(__file__).parents[2] / "docs" / "config-reference.md"
 REGENERATE = "python -m citadel_supervisor.cli.docgen --write docs/config-reference.md"
 
 

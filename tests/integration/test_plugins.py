@@ -22,7 +22,7 @@ from citadel_supervisor.config.sources import disabled_from_env
 from citadel_supervisor.control.client import ControlClient
 from citadel_supervisor.plugins import PluginRegistry
 
-PLUGIN_SOURCES = Path(__file__).parent / "plugins_for_tests"
+PLUGIN_SOURCES = Path(__file__).parents[1] / "plugins_for_tests"
 
 # name in the "citadel" group -> the module it points at
 TEST_PLUGINS = {

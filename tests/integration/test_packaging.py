@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from citadel_supervisor.config import DaemonConfig, ServiceConfig
 from citadel_supervisor.gpu.metrics import GpuCollector
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 PACKAGING = ROOT / "packaging"
 UNIT = PACKAGING / "systemd" / "citadeld.service"
 RULES = PACKAGING / "prometheus" / "citadel-alerts.yml"

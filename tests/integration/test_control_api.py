@@ -23,7 +23,7 @@ from citadel_supervisor.control.client import ControlClient, ControlError
 from citadel_supervisor.control.openapi import document
 from citadel_supervisor.control.server import make_app
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Worker names are unique per test run: citadeld names each worker's cgroup after the worker,
 # under its own cgroup, and on a machine where every process shares one cgroup two daemons

@@ -521,7 +521,7 @@ def test_plugin_sections(tmp_path: Path) -> None:
 
 
 # The DESIGN example pins GPUs 0 and 1; this machine has none, so --check sees a FAKE NVML host.
-FAKE_GPU_HOST = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
+FAKE_GPU_HOST = Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json"
 
 
 def check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from citadel_supervisor.config import ConfigError, load_config
 from citadel_supervisor.services.base import WorkerInfo
 from citadel_supervisor.services.vllm import VllmConfig, VllmService, startup_phase
 
-FAKE_HOST = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
+FAKE_HOST = Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json"
 
 
 def _load(tmp_path: Path, body: str, env: dict[str, str] | None = None):

