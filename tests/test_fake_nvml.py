@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,28 @@ def test_the_functions_gpu_code_calls_take_pynvmls_parameter_names() -> None:
         real = list(inspect.signature(getattr(pynvml, name)).parameters)
         fake = [p for p in inspect.signature(getattr(FakeNvml, name)).parameters if p != "self"]
         assert fake == real, f"{name}: the fake takes {fake}, pynvml {real}"
+
+
+def test_a_host_file_replaced_within_one_clock_tick_is_reread(tmp_path: Path) -> None:
+    """Two writes within one tick of the kernel's coarse mtime clock: the second is seen too
+    (a file replaced has a new inode), as ``bench/gpu_check.py`` and its rehearsal rely on."""
+    host = json.loads(HOST_8GPU.read_text())
+    path = tmp_path / "host.json"
+
+    def replace(processes: list[dict[str, int]], mtime_ns: int) -> None:
+        host["gpus"][0]["processes"] = processes
+        tmp = tmp_path / "host.tmp"
+        tmp.write_text(json.dumps(host))
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))  # the same mtime for every write
+        os.replace(tmp, path)
+
+    replace([{"pid": 41, "used_mib": 1024}, {"pid": 42, "used_mib": 1024}], 10**18)
+    fake = FakeNvml.from_file(path)
+    fake.nvmlInit()
+    handle = fake.nvmlDeviceGetHandleByIndex(0)
+    assert [p.pid for p in fake.nvmlDeviceGetComputeRunningProcesses(handle)] == [41, 42]
+    replace([{"pid": 42, "used_mib": 1024}], 10**18)
+    assert [p.pid for p in fake.nvmlDeviceGetComputeRunningProcesses(handle)] == [42]
+    replace([], 10**18)
+    assert fake.nvmlDeviceGetComputeRunningProcesses(handle) == []
+    assert fake.nvmlDeviceGetMemoryInfo(handle).used == 0

@@ -320,6 +320,14 @@ def _apply_dynamic(gpu: FakeGpu, desc: Mapping[str, Any]) -> None:
     gpu.power_limit_mw = int(desc.get("power_limit_w", 700) * 1000)
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells that a host file changed. Not its mtime alone: the kernel's clock for it
+    ticks every few milliseconds, and two writes within a tick (a test's, or a driver's
+    stand-in freeing two processes) would look like one; a file replaced has a new inode."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_ino, stat.st_size
+
+
 # --------------------------------------------------------------------------
 # The fake NVML
 # --------------------------------------------------------------------------
@@ -367,15 +375,16 @@ class FakeNvml:
         self._event_sets: list[list[FakeEventData]] = []
         self._registered: dict[int, set[int]] = {}  # id(event set) -> GPU indices
         self._path: Path | None = None
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> FakeNvml:
         """A fake host read from a JSON file, re-read when the file changes."""
         path = Path(path)
+        stamp = _stamp(path)
         fake = cls(json.loads(path.read_text()), source=str(path))
         fake._path = path
-        fake._mtime = path.stat().st_mtime
+        fake._stamp = stamp
         return fake
 
     # -- test controls ------------------------------------------------------
@@ -420,13 +429,13 @@ class FakeNvml:
         if self._path is None:
             return
         try:
-            mtime = self._path.stat().st_mtime
-            if mtime == self._mtime:
+            stamp = _stamp(self._path)
+            if stamp == self._stamp:
                 return
             host = json.loads(self._path.read_text())
         except (OSError, ValueError):
             return  # a half-written file: keep the last good values
-        self._mtime = mtime
+        self._stamp = stamp
         for gpu, desc in zip(self.gpus, host.get("gpus", [])):
             _apply_dynamic(gpu, desc)
 
