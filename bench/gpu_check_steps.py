@@ -116,7 +116,8 @@ def step_start_citadeld(run: Run) -> None:
     try:
         run.citadel.start()
     except (RuntimeError, TimeoutError) as exc:
-        raise StepFailed(f"citadeld did not start: {exc}; see {run.state / 'citadel' / 'citadeld.out'}") from None
+        log = run.state / "citadel" / "citadeld.out"
+        raise StepFailed(f"citadeld did not start: {exc}; see {log}") from None
     run.events = EventLog(run.citadel.socket)
 
 
@@ -126,11 +127,11 @@ def reference_gpus(run: Run) -> dict[int, dict[str, Any]]:
         nodes = run.host.original.get("numa_nodes", {})
         out = {}
         for i, g in enumerate(run.host.original["gpus"]):
-            mig = g.get("mig")
-            node = g.get("numa_node")
-            out[i] = {"uuid": g.get("uuid"), "name": g.get("name"), "memory_total_mib": g.get("memory_total_mib"),
-                      "numa_node": node, "mig_enabled": None if mig is None else bool(mig.get("enabled")),
-                      "node_cpus": g.get("cpu_affinity") or (nodes.get(str(node)) if node is not None else None)}
+            mig, node = g.get("mig"), g.get("numa_node")
+            cpus = g.get("cpu_affinity") or (nodes.get(str(node)) if node is not None else None)
+            out[i] = {"uuid": g.get("uuid"), "name": g.get("name"),
+                      "memory_total_mib": g.get("memory_total_mib"), "numa_node": node,
+                      "mig_enabled": None if mig is None else bool(mig.get("enabled")), "node_cpus": cpus}
         return out
     return nvidia_smi_gpus()
 
@@ -251,10 +252,12 @@ def step_pinning(run: Run) -> None:
     report = run.first = wait_report(run)
     run.report.figures["worker"] = report
     visible = report.get("cuda_visible_devices")
-    run.report.add("pin.cuda_visible_devices", visible == run.uuid and report.get("cuda_device_order") == "PCI_BUS_ID",
-                   f"CUDA_VISIBLE_DEVICES={visible}, CUDA_DEVICE_ORDER={report.get('cuda_device_order')}")
+    order = report.get("cuda_device_order")
+    run.report.add("pin.cuda_visible_devices", visible == run.uuid and order == "PCI_BUS_ID",
+                   f"CUDA_VISIBLE_DEVICES={visible}, CUDA_DEVICE_ORDER={order}")
+    counted = "the worker counts" if run.fake else "torch.cuda.device_count() ="
     run.report.add("pin.device_count", report.get("device_count") == 1,
-                   f"{'the worker counts' if run.fake else 'torch.cuda.device_count() ='} {report.get('device_count')}")
+                   f"{counted} {report.get('device_count')}")
     if run.fake:
         run.report.add("pin.torch_uuid", None, "no torch with the FAKE NVML")
     else:
@@ -292,7 +295,8 @@ def scrape(run: Run, openmetrics: bool = False) -> str:
     """The exporter's /metrics, as text."""
     assert run.citadel is not None
     accept = "application/openmetrics-text; version=1.0.0" if openmetrics else "text/plain"
-    request = urllib.request.Request(f"http://{run.citadel.exporter_listen}/metrics", headers={"Accept": accept})
+    url = f"http://{run.citadel.exporter_listen}/metrics"
+    request = urllib.request.Request(url, headers={"Accept": accept})
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.read().decode()
 
@@ -312,19 +316,24 @@ def step_process_memory(run: Run) -> None:
     want = held_bytes(run)
     pids = {run.first["pid"], run.first["child"]["pid"]}
 
+    seen: list[float] = []  # the last value scraped, shown whether or not it is enough
+
     def shown() -> float | None:
-        values = samples(scrape(run), "citadel_worker_gpu_memory_bytes", worker=run.worker, uuid=run.uuid)
-        return values[0] if values and values[0] >= want else None
+        seen[:] = samples(scrape(run), "citadel_worker_gpu_memory_bytes", worker=run.worker,
+                          uuid=run.uuid)
+        return seen[0] if seen and seen[0] >= want else None
 
     try:
-        value = wait_until(shown, run.wait_time(30, 15), "the worker's GPU memory in /metrics", 0.2)
+        wait_until(shown, run.wait_time(30, 15), "the worker's GPU memory in /metrics", 0.2)
     except TimeoutError:
-        value = None
+        pass
+    value = seen[0] if seen else None
     api = run.citadel.get("/v1/gpus")
     gpu = next((g for g in api["gpus"] if g["uuid"] == run.uuid), {})
     listed = {p["pid"]: p for p in gpu.get("processes") or []}
-    run.report.figures["process_memory"] = {"expected_at_least": want, "metric": value, "nvml_processes": listed,
-                                            "worker_pids": sorted(pids), "nvidia_smi": _smi_apps(run)}
+    run.report.figures["process_memory"] = {"expected_at_least": want, "metric": value,
+                                            "nvml_processes": listed, "worker_pids": sorted(pids),
+                                            "nvidia_smi": _smi_apps(run)}
     slack = 0 if run.fake else 4 * GiB  # CUDA contexts, a few hundred MiB each
     run.report.add("metrics.worker_gpu_memory", value is not None and want <= value <= want + slack,
                    f"citadel_worker_gpu_memory_bytes = {_gib(value)} for {run.worker}; "
@@ -440,17 +449,22 @@ def step_xid(run: Run) -> None:
 
 def step_kill_and_release(run: Run) -> None:
     """SIGKILL the worker and its child; NVML's release time; citadeld restarted only after it."""
-    assert run.events is not None and run.citadel is not None
+    assert run.events is not None
+    events = run.events
     pid, child = run.first["pid"], run.first["child"]["pid"]
+
+    def of_worker(kind: str, state: str | None = None) -> Callable[[dict[str, Any]], bool]:
+        return lambda e: (e["worker"] == run.worker and e["time"] >= killed and e["kind"] == kind
+                          and (state is None or e["state"] == state))
+
     watch = ReleaseWatch(run.nvml, run.args.gpu, {pid, child}, held_bytes(run))
     try:
         killed = time.time()
         for target in (child, pid):
             os.kill(target, signal.SIGKILL)
-        waiting = run.events.wait(lambda e: e["worker"] == run.worker and e["time"] >= killed
-                                  and e["kind"] == "state" and e["state"] == "backoff"
-                                  and e["detail"].get("waiting") == "GPU memory release",
-                                  run.wait_time(60, 10), "citadeld to wait for the GPU's memory")
+        waits = of_worker("state", "backoff")
+        waiting = events.wait(lambda e: waits(e) and e["detail"].get("waiting") == "GPU memory release",
+                              run.wait_time(60, 10), "citadeld to wait for the GPU's memory")
         if run.host is not None:
             time.sleep(FAKE_RELEASE_DELAY)  # the simulated driver's latency, not a wait for a condition
             run.host.release(run.args.gpu)
@@ -461,24 +475,29 @@ def step_kill_and_release(run: Run) -> None:
             pass
     finally:
         watch.close()
-    spawned = run.events.wait(lambda e: e["worker"] == run.worker and e["time"] >= killed
-                              and e["kind"] == "state" and e["state"] == "starting",
-                              run.wait_time(run.args.release_timeout + 20, 20), "the restart")
-    exited = run.events.find(lambda e: e["worker"] == run.worker and e["kind"] == "exit" and e["time"] >= killed)
-    released = watch.released
-    figures = {"killed": killed, "exit_event": exited and exited["time"], "wait_event": waiting["time"],
-               "processes_gone": watch.gone, "memory_freed": watch.freed, "released": released,
-               "spawned": spawned["time"], "new_pid": spawned["detail"].get("pid"),
+    spawned = events.wait(of_worker("state", "starting"), run.wait_time(run.args.release_timeout + 20, 20),
+                          "the restart")
+    exited = events.find(of_worker("exit"))
+    report_release(run, watch, {"killed": killed, "exit_event": exited and exited["time"],
+                                "wait_event": waiting["time"], "spawned": spawned["time"],
+                                "new_pid": spawned["detail"].get("pid")})
+
+
+def report_release(run: Run, watch: ReleaseWatch, times: dict[str, Any]) -> None:
+    """The release's figures and verdicts, from the watch's and citadeld's timestamps."""
+    killed, spawned, released = times["killed"], times["spawned"], watch.released
+    figures = {**times, "processes_gone": watch.gone, "memory_freed": watch.freed, "released": released,
                "release_s": None if released is None else round(released - killed, 3),
-               "citadeld_wait_s": round(spawned["time"] - waiting["time"], 3),
-               "restart_after_release_s": None if released is None else round(spawned["time"] - released, 3)}
+               "citadeld_wait_s": round(spawned - times["wait_event"], 3),
+               "restart_after_release_s": None if released is None else round(spawned - released, 3)}
     run.report.figures["release"] = figures
     run.report.add("release.nvml_reports_free", released is not None,
-                   f"NVML: processes gone {_after(watch.gone, killed)}, memory free {_after(watch.freed, killed)} "
-                   "after the SIGKILL")
+                   f"NVML: processes gone {_after(watch.gone, killed)}, "
+                   f"memory free {_after(watch.freed, killed)} after the SIGKILL")
     tolerance = 2 * watch.period + 0.03  # the watch sees a release up to one poll late
-    run.report.add("release.restart_after_release", released is not None and spawned["time"] >= released - tolerance,
-                   f"respawned {_after(spawned['time'], killed)} after the kill, "
+    run.report.add("release.restart_after_release",
+                   released is not None and spawned >= released - tolerance,
+                   f"respawned {_after(spawned, killed)} after the kill, "
                    f"{figures['restart_after_release_s']}s after NVML reported the memory free; "
                    f"citadeld waited {figures['citadeld_wait_s']}s")
     logs = _citadeld_log(run)
