@@ -4,6 +4,13 @@
     python bench/gpu_check.py --wheels var/wheels  # first install what is missing from wheels
     python bench/gpu_check.py --fake tests/fixtures/fake_host_8gpu.json   # no GPU: the FAKE NVML
 
+A GPU machine without network usually lacks pydantic and loguru: download them
+as wheels elsewhere, for its Python and CPU, and bring the folder along
+(docs/operations.md, "Checking on a real GPU")::
+
+    python3 -m pip download --dest var/wheels --only-binary=:all: --python-version 3.11
+        --platform manylinux2014_x86_64 pydantic==2.14.4 loguru==0.7.3     # one line
+
 It runs citadeld from this working tree (not an installed copy) with one
 worker, ``bench/gpu_check_worker.py``, pinned to one GPU by its UUID: the
 worker allocates ``--gib`` GiB with torch, keeps the GPU busy, and starts a
