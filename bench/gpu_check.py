@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +114,32 @@ def ensure_packages(wheels: Path | None, target: Path) -> list[str]:
     if wheels is None:
         raise StepFailed(f"missing: {', '.join(missing)}; bring them as wheels and pass --wheels DIR "
                          "(docs/operations.md, 'Checking on a real GPU')")
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheels),
-            "--target", str(target), *(NEEDED[m] for m in missing)]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    if result.returncode != 0:
-        raise StepFailed(f"pip could not install {', '.join(missing)} from {wheels}: "
-                         f"{result.stderr.strip()[-600:]}")
+    if importlib.util.find_spec("pip") is not None:
+        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                str(wheels), "--target", str(target), *(NEEDED[m] for m in missing)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+        if result.returncode != 0:
+            raise StepFailed(f"pip could not install {', '.join(missing)} from {wheels}: "
+                             f"{result.stderr.strip()[-600:]}")
+    else:
+        unpack_wheels(wheels, target)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     still = [m for m in missing if importlib.util.find_spec(m) is None]
     if still:
         raise StepFailed(f"still missing after installing from {wheels}: {', '.join(still)}")
     return [str(target)]
+
+
+def unpack_wheels(wheels: Path, target: Path) -> None:
+    """Without pip: unpack every wheel in ``wheels`` into ``target`` (a wheel is a zip of what
+    goes on the path; these need none of its scripts or data)."""
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        raise StepFailed(f"--wheels {wheels}: no wheel there")
+    for wheel in found:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(target)
 
 
 def entry_points_shim(folder: Path) -> Path:
@@ -182,7 +197,8 @@ def out_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def setup(args: argparse.Namespace, report: Report, state: Path, ends: float) -> Run:
     """The environment citadeld and the worker run in, and the NVML the script reads."""
-    extra = ensure_packages(args.wheels, state / "pydeps")
+    # Not in the state folder, which may be $OUT: the packages need not travel back.
+    extra = ensure_packages(args.wheels, Path(tempfile.mkdtemp(prefix="citadel-gpu-check-pydeps-")))
     paths = [str(REPO), str(entry_points_shim(state / "entry-points")), *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("CITADEL_FAKE_NVML", "CITADEL_SOCKET")}
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])

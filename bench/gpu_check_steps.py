@@ -97,6 +97,8 @@ def mirror_host(shapes: dict[str, Any], index: int) -> dict[str, Any]:
 def step_start_citadeld(run: Run) -> None:
     """citadeld with the worker pinned to the GPU's UUID, and its event stream followed."""
     run.worker = f"gpucheck{os.getpid()}"  # cgroups are named after workers host-wide: be unique
+    # The worker gets the caller's PYTHONPATH, not citadeld's (the checkout, the wheels
+    # installed for citadeld): those could shadow what torch imports.
     reports = run.state / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(WORKER), "--report", str(reports), "--gib", str(run.args.gib),
@@ -110,6 +112,7 @@ def step_start_citadeld(run: Run) -> None:
         stable_after = 1
         gpu_release_timeout = {run.args.release_timeout}
         stop_timeout = 10
+        env = {{ PYTHONPATH = {json.dumps(os.environ.get("PYTHONPATH", ""))} }}
         """
     run.citadel = CheckoutCitadel(run.state / "citadel", services, env=run.env,
                                   exporter_listen=f"127.0.0.1:{free_port()}")
@@ -260,9 +263,13 @@ def step_pinning(run: Run) -> None:
                    f"{counted} {report.get('device_count')}")
     if run.fake:
         run.report.add("pin.torch_uuid", None, "no torch with the FAKE NVML")
+    elif report.get("device_uuid") is None:
+        run.report.add("pin.torch_uuid", None,
+                       f"this torch tells no device UUID; it sees {report.get('device_name')} with "
+                       f"{_gib(report.get('device_total_memory'))}")
     else:
-        seen = report.get("device_uuid")
-        run.report.add("pin.torch_uuid", bool(seen) and str(seen).lower() == run.uuid.lower(),
+        seen = str(report["device_uuid"])
+        run.report.add("pin.torch_uuid", seen.lower() == run.uuid.lower(),
                        f"torch sees {seen} ({report.get('device_name')}); NVML: {run.uuid}")
     assert run.citadel is not None
     daemon_cpus = os.sched_getaffinity(run.citadel.pid)

@@ -57,6 +57,7 @@ def allocate(gib: float) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
     raw_uuid = getattr(props, "uuid", None)
     facts["device_name"] = props.name
+    facts["device_total_memory"] = getattr(props, "total_memory", None)
     facts["device_uuid"] = nvml_uuid(str(raw_uuid)) if raw_uuid is not None else None
     block = torch.empty(int(gib * GiB), dtype=torch.uint8, device="cuda:0")
     block.fill_(1)  # touch it: the memory is the process's, whatever the allocator does
