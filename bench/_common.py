@@ -161,7 +161,7 @@ def median(values: Sequence[float]) -> float:
 class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTP over a Unix socket (for citadeld's control API and supervisord's XML-RPC)."""
 
-    def __init__(self, path: str, timeout: float = 30.0):
+    def __init__(self, path: str, timeout: float | None = 30.0):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 

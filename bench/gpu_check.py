@@ -271,15 +271,17 @@ def kill_leftovers(run: Run) -> list[int]:
     stopped them; some, when it had to be killed); their pids."""
     import psutil
 
-    left = []
+    left: list[int] = []
     for report in worker_reports(run):
         for pid in (report.get("pid"), (report.get("child") or {}).get("pid")):
+            if not isinstance(pid, int):
+                continue
             try:
                 proc = psutil.Process(pid)
                 if proc.status() != psutil.STATUS_ZOMBIE and str(WORKER) in proc.cmdline():
                     proc.kill()
                     left.append(pid)
-            except (psutil.Error, TypeError):
+            except psutil.Error:
                 continue
     return left
 

@@ -106,8 +106,8 @@ def describe(value: Any, handle: bool = False) -> Shape:
             first = describe(items[0])
             return {"type": "sequence", "items": {k: v for k, v in first.items() if k != "value"},
                     "value": [describe(i)["value"] for i in items[:16]]}
-        kinds = sorted({_kind(i) for i in items})
-        return {"type": "sequence", "items": "|".join(kinds) or None,
+        item_kinds = sorted({_kind(i) for i in items})
+        return {"type": "sequence", "items": "|".join(item_kinds) or None,
                 "value": [_jsonable(i) for i in items[:16]]}
     return {"type": _kind(value), "value": _jsonable(value)}
 

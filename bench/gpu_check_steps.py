@@ -336,7 +336,7 @@ def step_process_memory(run: Run) -> None:
         pass
     value = seen[0] if seen else None
     api = run.citadel.get("/v1/gpus")
-    gpu = next((g for g in api["gpus"] if g["uuid"] == run.uuid), {})
+    gpu: dict[str, Any] = next((g for g in api["gpus"] if g["uuid"] == run.uuid), {})
     listed = {p["pid"]: p for p in gpu.get("processes") or []}
     run.report.figures["process_memory"] = {"expected_at_least": want, "metric": value,
                                             "nvml_processes": listed, "worker_pids": sorted(pids),
