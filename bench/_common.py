@@ -161,7 +161,7 @@ def median(values: Sequence[float]) -> float:
 class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTP over a Unix socket (for citadeld's control API and supervisord's XML-RPC)."""
 
-    def __init__(self, path: str, timeout: float = 30.0):
+    def __init__(self, path: str, timeout: float | None = 30.0):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 
@@ -226,13 +226,15 @@ class Citadel:
         assert self.proc is not None
         return self.proc.pid
 
+    def citadeld_argv(self) -> list[str]:
+        """The command that runs citadeld, before its options (a subclass may run another)."""
+        if self.lag_probe is not None:
+            return [sys.executable, str(Path(__file__)), "lag-probe", str(self.lag_probe), "--"]
+        return [str(CITADELD)]
+
     def start(self) -> Citadel:
         """Start citadeld and wait until its socket answers."""
-        if self.lag_probe is not None:
-            argv = [sys.executable, str(Path(__file__)), "lag-probe", str(self.lag_probe), "--"]
-        else:
-            argv = [str(CITADELD)]
-        argv = self.argv_prefix + argv + ["--config", str(self.config), "--log-format", "json"]
+        argv = self.argv_prefix + self.citadeld_argv() + ["--config", str(self.config), "--log-format", "json"]
         with (self.root / "citadeld.out").open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=self.env)

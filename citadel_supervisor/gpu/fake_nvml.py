@@ -35,7 +35,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .cpus import parse_cpulist
 
@@ -47,6 +47,7 @@ NVML_TEMPERATURE_GPU = 0
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 nvmlEventTypeXidCriticalError = 0x8
+nvmlMemory_v2 = 0x02000028
 
 
 # --------------------------------------------------------------------------
@@ -55,10 +56,24 @@ nvmlEventTypeXidCriticalError = 0x8
 
 
 class NVMLError(Exception):
-    """Base of the fake's NVML errors, as ``pynvml.NVMLError``."""
+    """Base of the fake's NVML errors, as ``pynvml.NVMLError``.
+
+    As there, ``NVMLError(code)`` is an instance of the code's subclass
+    (``NVMLError(3)`` is an ``NVMLError_NotSupported``), and ``str()`` is the
+    code's message.
+    """
 
     value = 999
     message = "Unknown Error"
+    #: code -> its subclass, filled as the subclasses are made (pynvml's ``_valClassMapping``).
+    by_value: ClassVar[dict[int, type[NVMLError]]] = {}
+
+    # An instance of a subclass, not of cls: as pynvml's NVMLError does.
+    def __new__(cls, value: int | None = None) -> NVMLError:  # noqa: PYI034
+        target = cls
+        if cls is NVMLError and value is not None:
+            target = NVMLError.by_value.get(value, NVMLError)
+        return Exception.__new__(target)
 
     def __init__(self, value: int | None = None):
         super().__init__()
@@ -66,56 +81,69 @@ class NVMLError(Exception):
             self.value = value
 
     def __str__(self) -> str:
-        return self.message
+        known = NVMLError.by_value.get(self.value)
+        return known.message if known is not None else f"NVML Error with code {self.value}"
 
 
-class NVMLError_Uninitialized(NVMLError):
-    value, message = 1, "Uninitialized"
+def _subclass(name: str, value: int, message: str) -> type[NVMLError]:
+    cls = type(f"NVMLError_{name}", (NVMLError,), {"value": value, "message": message,
+                                                   "__module__": __name__})
+    NVMLError.by_value[value] = cls
+    return cls
 
 
-class NVMLError_InvalidArgument(NVMLError):
-    value, message = 2, "Invalid Argument"
-
-
-class NVMLError_NotSupported(NVMLError):
-    value, message = 3, "Not Supported"
-
-
-class NVMLError_NoPermission(NVMLError):
-    value, message = 4, "Insufficient Permissions"
-
-
-class NVMLError_NotFound(NVMLError):
-    value, message = 6, "Not Found"
-
-
-class NVMLError_DriverNotLoaded(NVMLError):
-    value, message = 9, "Driver Not Loaded"
-
-
-class NVMLError_Timeout(NVMLError):
-    value, message = 10, "Timeout"
-
-
-class NVMLError_LibraryNotFound(NVMLError):
-    value, message = 12, "NVML Shared Library Not Found"
-
-
-class NVMLError_GpuIsLost(NVMLError):
-    value, message = 15, "GPU is lost"
-
-
-class NVMLError_Unknown(NVMLError):
-    value, message = 999, "Unknown Error"
-
+#: pynvml's error classes: ``NVML_ERROR_*`` codes, and the text ``str()`` gives (pynvml's
+#: table; for codes it has no text for, what it says when it cannot ask the driver).
+_ERROR_CODES: dict[str, tuple[int, str]] = {
+    "Uninitialized": (1, "Uninitialized"),
+    "InvalidArgument": (2, "Invalid Argument"),
+    "NotSupported": (3, "Not Supported"),
+    "NoPermission": (4, "Insufficient Permissions"),
+    "AlreadyInitialized": (5, "Already Initialized"),
+    "NotFound": (6, "Not Found"),
+    "InsufficientSize": (7, "Insufficient Size"),
+    "InsufficientPower": (8, "Insufficient External Power"),
+    "DriverNotLoaded": (9, "Driver Not Loaded"),
+    "Timeout": (10, "Timeout"),
+    "IrqIssue": (11, "Interrupt Request Issue"),
+    "LibraryNotFound": (12, "NVML Shared Library Not Found"),
+    "FunctionNotFound": (13, "Function Not Found"),
+    "CorruptedInforom": (14, "Corrupted infoROM"),
+    "GpuIsLost": (15, "GPU is lost"),
+    "ResetRequired": (16, "GPU requires restart"),
+    "OperatingSystem": (17, "The operating system has blocked the request."),
+    "LibRmVersionMismatch": (18, "RM has detected an NVML/RM version mismatch."),
+    "InUse": (19, "NVML Error with code 19"),
+    "Memory": (20, "Insufficient Memory"),
+    "NoData": (21, "NVML Error with code 21"),
+    "VgpuEccNotSupported": (22, "NVML Error with code 22"),
+    "InsufficientResources": (23, "NVML Error with code 23"),
+    "FreqNotSupported": (24, "NVML Error with code 24"),
+    "ArgumentVersionMismatch": (25, "NVML Error with code 25"),
+    "Deprecated": (26, "NVML Error with code 26"),
+    "NotReady": (27, "NVML Error with code 27"),
+    "GpuNotFound": (28, "NVML Error with code 28"),
+    "InvalidState": (29, "NVML Error with code 29"),
+    "ResetTypeNotSupported": (30, "NVML Error with code 30"),
+    "Unknown": (999, "Unknown Error"),
+}
 
 _ERRORS: dict[str, type[NVMLError]] = {
-    cls.__name__.removeprefix("NVMLError_"): cls
-    for cls in (NVMLError_Uninitialized, NVMLError_InvalidArgument, NVMLError_NotSupported,
-                NVMLError_NoPermission, NVMLError_NotFound, NVMLError_DriverNotLoaded,
-                NVMLError_Timeout, NVMLError_LibraryNotFound, NVMLError_GpuIsLost,
-                NVMLError_Unknown)
+    name: _subclass(name, value, message) for name, (value, message) in _ERROR_CODES.items()
 }
+
+# The ones the fake raises, by name (the rest are in _ERRORS, and on FakeNvml).
+NVMLError_Uninitialized = _ERRORS["Uninitialized"]
+NVMLError_InvalidArgument = _ERRORS["InvalidArgument"]
+NVMLError_NotSupported = _ERRORS["NotSupported"]
+NVMLError_NoPermission = _ERRORS["NoPermission"]
+NVMLError_NotFound = _ERRORS["NotFound"]
+NVMLError_DriverNotLoaded = _ERRORS["DriverNotLoaded"]
+NVMLError_Timeout = _ERRORS["Timeout"]
+NVMLError_LibraryNotFound = _ERRORS["LibraryNotFound"]
+NVMLError_GpuIsLost = _ERRORS["GpuIsLost"]
+NVMLError_ArgumentVersionMismatch = _ERRORS["ArgumentVersionMismatch"]
+NVMLError_Unknown = _ERRORS["Unknown"]
 
 
 # --------------------------------------------------------------------------
@@ -133,6 +161,18 @@ class FakeMemoryInfo:
 
 
 @dataclass(frozen=True)
+class FakeMemoryInfoV2:
+    """As ``c_nvmlMemory_v2_t`` (``nvmlDeviceGetMemoryInfo(handle, nvmlMemory_v2)``): bytes;
+    ``used`` leaves out ``reserved``, the driver's own (0 on the fake)."""
+
+    version: int
+    total: int
+    reserved: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
 class FakeUtilization:
     """As ``c_nvmlUtilization_t``: percent."""
 
@@ -142,9 +182,27 @@ class FakeUtilization:
 
 @dataclass(frozen=True)
 class FakePciInfo:
-    """As ``nvmlPciInfo_t``; ``busId`` is bytes there too."""
+    """As ``nvmlPciInfo_t``: its text fields are str, as pynvml decodes them."""
 
-    busId: bytes
+    #: ``00000000:18:00.0`` (an 8-digit domain); ``busIdLegacy`` has 4: ``0000:18:00.0``.
+    busId: str
+    busIdLegacy: str
+    domain: int
+    bus: int
+    device: int
+    pciDeviceId: int = 0
+    pciSubSystemId: int = 0
+
+    @classmethod
+    def of(cls, bus_id: str) -> FakePciInfo:
+        """The struct for a bus id written ``DOMAIN:BUS:DEVICE.FUNCTION`` (hex); a host
+        file's id in another form is kept as it is, with zero numbers."""
+        try:
+            domain, bus, rest = bus_id.split(":")
+            d, b, v = int(domain, 16), int(bus, 16), int(rest.split(".")[0], 16)
+        except ValueError:
+            return cls(busId=bus_id, busIdLegacy=bus_id, domain=0, bus=0, device=0)
+        return cls(busId=bus_id, busIdLegacy=f"{d:04X}:{b:02X}:{v:02X}.0", domain=d, bus=b, device=v)
 
 
 @dataclass(frozen=True)
@@ -262,6 +320,14 @@ def _apply_dynamic(gpu: FakeGpu, desc: Mapping[str, Any]) -> None:
     gpu.power_limit_mw = int(desc.get("power_limit_w", 700) * 1000)
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells that a host file changed. Not its mtime alone: the kernel's clock for it
+    ticks every few milliseconds, and two writes within a tick (a test's, or a driver's
+    stand-in freeing two processes) would look like one; a file replaced has a new inode."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_ino, stat.st_size
+
+
 # --------------------------------------------------------------------------
 # The fake NVML
 # --------------------------------------------------------------------------
@@ -286,11 +352,14 @@ class FakeNvml:
     NVMLError_Timeout = NVMLError_Timeout
     NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
     NVMLError_GpuIsLost = NVMLError_GpuIsLost
+    NVMLError_ArgumentVersionMismatch = NVMLError_ArgumentVersionMismatch
     NVMLError_Unknown = NVMLError_Unknown
+    # (every other NVMLError_* of pynvml is set on the class below it)
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
     NVML_DEVICE_MIG_DISABLE = NVML_DEVICE_MIG_DISABLE
     NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE
     nvmlEventTypeXidCriticalError = nvmlEventTypeXidCriticalError
+    nvmlMemory_v2 = nvmlMemory_v2
 
     def __init__(self, host: Mapping[str, Any], source: str = "<dict>"):
         self.source = source
@@ -306,15 +375,16 @@ class FakeNvml:
         self._event_sets: list[list[FakeEventData]] = []
         self._registered: dict[int, set[int]] = {}  # id(event set) -> GPU indices
         self._path: Path | None = None
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> FakeNvml:
         """A fake host read from a JSON file, re-read when the file changes."""
         path = Path(path)
+        stamp = _stamp(path)
         fake = cls(json.loads(path.read_text()), source=str(path))
         fake._path = path
-        fake._mtime = path.stat().st_mtime
+        fake._stamp = stamp
         return fake
 
     # -- test controls ------------------------------------------------------
@@ -359,13 +429,13 @@ class FakeNvml:
         if self._path is None:
             return
         try:
-            mtime = self._path.stat().st_mtime
-            if mtime == self._mtime:
+            stamp = _stamp(self._path)
+            if stamp == self._stamp:
                 return
             host = json.loads(self._path.read_text())
         except (OSError, ValueError):
             return  # a half-written file: keep the last good values
-        self._mtime = mtime
+        self._stamp = stamp
         for gpu, desc in zip(self.gpus, host.get("gpus", [])):
             _apply_dynamic(gpu, desc)
 
@@ -423,28 +493,36 @@ class FakeNvml:
         return self._whole(handle, "nvmlDeviceGetName").name
 
     def nvmlDeviceGetPciInfo(self, handle: FakeGpu) -> FakePciInfo:
-        return FakePciInfo(self._whole(handle, "nvmlDeviceGetPciInfo").pci_bus_id.encode())
+        return FakePciInfo.of(self._whole(handle, "nvmlDeviceGetPciInfo").pci_bus_id)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> FakeMemoryInfo:
+    def nvmlDeviceGetMemoryInfo(
+        self, handle: Any, version: int | None = None
+    ) -> FakeMemoryInfo | FakeMemoryInfoV2:
         device = self._device(handle, "nvmlDeviceGetMemoryInfo")
         used = min(device.memory_used(), device.memory_total)
-        return FakeMemoryInfo(total=device.memory_total, free=device.memory_total - used, used=used)
+        free = device.memory_total - used
+        if not version:  # as pynvml: no version, the v1 struct
+            return FakeMemoryInfo(total=device.memory_total, free=free, used=used)
+        if version != nvmlMemory_v2:
+            raise NVMLError_ArgumentVersionMismatch()
+        return FakeMemoryInfoV2(version=version, total=device.memory_total, reserved=0, free=free,
+                                used=used)
 
-    def nvmlDeviceGetMigMode(self, handle: FakeGpu) -> list[int]:
-        gpu = self._whole(handle, "nvmlDeviceGetMigMode")
+    def nvmlDeviceGetMigMode(self, device: FakeGpu) -> list[int]:
+        gpu = self._whole(device, "nvmlDeviceGetMigMode")
         if gpu.mig_enabled is None:
             raise NVMLError_NotSupported()
         mode = NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeGpu) -> int:
-        gpu = self._whole(handle, "nvmlDeviceGetMaxMigDeviceCount")
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: FakeGpu) -> int:
+        gpu = self._whole(device, "nvmlDeviceGetMaxMigDeviceCount")
         if gpu.mig_enabled is None:
             raise NVMLError_NotSupported()
         return 7
 
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeGpu, index: int) -> FakeMigDevice:
-        gpu = self._whole(handle, "nvmlDeviceGetMigDeviceHandleByIndex")
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: FakeGpu, index: int) -> FakeMigDevice:
+        gpu = self._whole(device, "nvmlDeviceGetMigDeviceHandleByIndex")
         if not gpu.mig_enabled:
             raise NVMLError_InvalidArgument()
         if not 0 <= index < len(gpu.mig_devices):
@@ -526,3 +604,6 @@ class FakeNvml:
             raise NVMLError_NotSupported()
         return device
 
+
+for _name, _error in _ERRORS.items():
+    setattr(FakeNvml, f"NVMLError_{_name}", _error)
