@@ -142,21 +142,6 @@ def unpack_wheels(wheels: Path, target: Path) -> None:
             archive.extractall(target)
 
 
-def entry_points_shim(folder: Path) -> Path:
-    """A ``.dist-info`` with the checkout's ``citadel`` entry points (pyproject.toml), so that
-    citadeld finds its built-in service types without the package being installed."""
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    info = folder / f"citadel_supervisor-{project['version']}.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\n"
-                                   f"Version: {project['version']}\n")
-    lines = [f"{name} = {target}" for name, target in project["entry-points"]["citadel"].items()]
-    (info / "entry_points.txt").write_text("[citadel]\n" + "\n".join(lines) + "\n")
-    return folder
-
-
 def open_nvml(run_fake: Path | None) -> Any:
     """The NVML the script itself reads: pynvml, or a FakeNvml on the fake host's copy."""
     if run_fake is None:
@@ -199,7 +184,7 @@ def setup(args: argparse.Namespace, report: Report, state: Path, ends: float) ->
     """The environment citadeld and the worker run in, and the NVML the script reads."""
     # Not in the state folder, which may be $OUT: the packages need not travel back.
     extra = ensure_packages(args.wheels, Path(tempfile.mkdtemp(prefix="citadel-gpu-check-pydeps-")))
-    paths = [str(REPO), str(entry_points_shim(state / "entry-points")), *extra]
+    paths = [str(REPO), *extra]  # built-in parts load from DEFAULT_PLUGINS, no install needed
     env = {k: v for k, v in os.environ.items() if k not in ("CITADEL_FAKE_NVML", "CITADEL_SOCKET")}
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     host = None

@@ -24,7 +24,7 @@ import pytest
 from citadel_supervisor import gpu as gpu_module
 from citadel_supervisor.gpu.fake_nvml import FakeNvml
 
-HOST_8GPU = Path(__file__).parent / "fixtures" / "fake_host_8gpu.json"
+HOST_8GPU = Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json"
 
 
 @pytest.fixture

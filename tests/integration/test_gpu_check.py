@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 HOST_8GPU = FIXTURES / "fake_host_8gpu.json"
 REHEARSAL = FIXTURES / "gpu_check_rehearsal"
 HAS_NVML_LIBRARY = ctypes.util.find_library("nvidia-ml") is not None
