@@ -118,7 +118,8 @@ def citadel_before_restart(worker: WorkerInfo) -> RestartWait | None:
         what the worker waits for, shown in its status, and the awaitable that
         ends when that is over. It must end by itself within a bound (the GPU
         part waits at most the service's ``gpu_release_timeout``); one that
-        raises is logged by plugin and the restart goes on.
+        raises is logged by plugin and the restart goes on. A stop, start or
+        restart request cuts the wait short and cancels the awaitable.
     """
 
 

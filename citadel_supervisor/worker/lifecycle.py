@@ -263,22 +263,35 @@ class Worker:
                 self._set_state(WorkerState.BACKOFF, delay=round(decision.delay, 3))
                 if await wait_event(self._interrupt, decision.delay):
                     continue  # a stop or start request cut the backoff short
-            await self._before_restart()
+            if await self._before_restart():
+                continue  # a stop or start request cut the waiting short
 
-    async def _before_restart(self) -> None:
+    async def _before_restart(self) -> bool:
         """Wait for what plugins hold the restart for (``citadel_before_restart``), each in turn;
-        one that raises is logged by plugin, and the restart goes on."""
+        one that raises is logged by plugin, and the restart goes on. True when a stop, start
+        or restart request cut the waiting short (the plugin's awaitable is then cancelled)."""
         for plugin, wait in self.runtime.plugins.call_each("citadel_before_restart", worker=self.info):
             if not isinstance(wait, RestartWait):
                 self._log.error("plugin {} answered citadel_before_restart with a {}, not a "
                                 "RestartWait; ignored", plugin, type(wait).__name__)
                 continue
             self._set_state(WorkerState.BACKOFF, waiting=wait.what)
+            waiting = asyncio.ensure_future(wait.until)
+            interrupted = asyncio.ensure_future(self._interrupt.wait())
             try:
-                await wait.until
-            except Exception as exc:  # noqa: BLE001 (a plugin's wait must not end the worker's task)
+                await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                interrupted.cancel()
+                over = waiting.done()
+                if not over:
+                    waiting.cancel()
+            if not over:
+                self._log.info("a request cut short the wait for {}", wait.what)
+                return True
+            if not waiting.cancelled() and (exc := waiting.exception()) is not None:
                 self._log.error("plugin {} failed while the restart waited for {}: {}", plugin, wait.what,
                                 masker.mask(f"{type(exc).__name__}: {exc}"))
+        return False
 
     def _spawn(self) -> ProcessTree:
         spec = self.service_type.spawn_spec(self.info)

@@ -119,3 +119,27 @@ async def _restart_waits(tmp_path: Path) -> None:
     await worker.settled(10)
     assert worker.state == WorkerState.STOPPED and worker.proc is None
     await session.close()
+
+
+def test_a_stop_cuts_a_held_restart_short(tmp_path: Path) -> None:
+    asyncio.run(_stop_while_held(tmp_path))
+
+
+async def _stop_while_held(tmp_path: Path) -> None:
+    session = aiohttp.ClientSession()
+    events = EventBus()
+    queue = events.subscribe()
+    holder = HoldsRestarts()  # never released: only the stop can end the wait
+    plugins = PluginRegistry()
+    plugins.register(holder, "holder")
+    worker = make_worker(tmp_path, session, "import sys; sys.exit(1)", plugins, events,
+                         start_limit_burst=100)
+    worker.run()
+    worker.start()
+    event = await asyncio.wait_for(queue.get(), 30)
+    while not (event.kind == "state" and event.detail.get("waiting")):
+        event = await asyncio.wait_for(queue.get(), 30)
+    worker.stop()
+    assert await worker.wait_for({WorkerState.STOPPED}, timeout=10)  # the wait never ends by itself
+    assert worker.state == WorkerState.STOPPED and holder.held == ["w"]
+    await session.close()
