@@ -34,6 +34,7 @@ from .gpu.metrics import GpuReader
 from .gpu.plan import plan_gpus
 from .gpu.plugin import GpuPlugin
 from .logs.masking import masker
+from .multinode.coordinator import MultinodePlugin
 from .plugins import PluginRegistry
 from .probes.runner import ProbeKinds
 from .process.cgroups import CgroupTree
@@ -239,7 +240,8 @@ class Daemon:
 
     def _assemble(self, session: aiohttp.ClientSession, control_connections: int) -> Exporter:
         """Register the parts that need the running daemon as built-in plugins: the GPU
-        part and the exporter (the modules of ``DEFAULT_PLUGINS`` are registered already)."""
+        part, the exporter and the multinode coordinator (the modules of ``DEFAULT_PLUGINS``
+        are registered already)."""
         inventory = self.gpus.inventory
         reader = GpuReader(inventory) if inventory is not None else None
         self.plugins.register_builtin(
@@ -249,6 +251,9 @@ class Daemon:
         exporter = Exporter(self.config, self.supervisor, self.plugins, self.events, self.reloads,
                             session, gpus=reader, control_connections=control_connections)
         self.plugins.register_builtin(exporter, "exporter")
+        self.plugins.register_builtin(
+            MultinodePlugin(workers=lambda: list(self.supervisor.workers.values()), session=session),
+            "multinode")
         return exporter
 
     # -- running ----------------------------------------------------------------

@@ -158,6 +158,17 @@ def citadel_scrape_collectors(scrape: Scrape) -> list[Any]:
 
 
 @hookspec
+def citadel_exporter_routes() -> list[Route]:
+    """Return ``GET`` routes to add to the exporter's listener, under ``/v1``.
+
+    The exporter faces the network and checks no caller: a route added here
+    must authenticate its callers itself (the ``multinode`` part signs with the
+    group's secret) and reveal nothing secret. A route that is not GET, or whose
+    path is taken, is logged and left out.
+    """
+
+
+@hookspec
 def citadel_daemon_started(supervisor: Supervisor) -> None:
     """Be told that citadeld has started its workers and is serving.
 

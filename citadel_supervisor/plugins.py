@@ -76,6 +76,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("probes", "citadel_supervisor.probes.kinds"),
     ("processes", "citadel_supervisor.exporter.collectors.processes"),
     ("host", "citadel_supervisor.exporter.collectors.host"),
+    ("multinode-checks", "citadel_supervisor.multinode.checks"),
 )
 
 

@@ -13,6 +13,7 @@ from loguru import logger
 from .config import CitadelConfig, ServiceConfig
 from .gpu import GpuAllocation
 from .logs.worker_output import WorkerOutput
+from .multinode.rank import GroupRank
 from .services.base import ServiceType, WorkerInfo
 from .states import WorkerState
 from .worker.lifecycle import Worker, WorkerRuntime
@@ -85,10 +86,12 @@ class Supervisor:
         for service_name, service in config.services.items():
             for replica, name in enumerate(config.worker_names(service_name)):
                 gpus = self.allocation.workers.get(name)
+                rank = (GroupRank.of(service_name, service.multinode, config.daemon.node_name())
+                        if service.multinode is not None else None)
                 infos[name] = WorkerInfo(name=name, service=service_name, replica=replica,
                                          config=service, port=self._port(name, service, replica),
                                          gpu_indices=gpus.indices if gpus else (),
-                                         gpu_uuids=gpus.uuids if gpus else ())
+                                         gpu_uuids=gpus.uuids if gpus else (), group_rank=rank)
         return infos
 
     def _port(self, name: str, service: ServiceConfig, replica: int) -> int | None:
@@ -149,10 +152,14 @@ class Supervisor:
         """Create every configured worker and start them in ``after`` order."""
         for name, info in self._infos(self.config).items():
             self.workers[name] = self._make_worker(info)
-        await self.start_workers(list(self.workers.values()))
+        await self.start_workers(list(self.workers.values()), ranks=False)
 
-    async def start_workers(self, workers: list[Worker]) -> None:
-        """Start workers; each service waits for the services it comes ``after`` to settle."""
+    async def start_workers(self, workers: list[Worker], *, ranks: bool = True) -> None:
+        """Start workers; each service waits for the services it comes ``after`` to settle.
+        ``ranks=False`` leaves out the ranks of multinode groups: their coordinator starts
+        them, head first (citadeld's start-up, a reload)."""
+        if not ranks:
+            workers = [w for w in workers if w.info.group_rank is None]
         grouped = self._by_service(workers)
         settled: dict[str, asyncio.Event] = {name: asyncio.Event() for name in grouped}
 
@@ -271,7 +278,7 @@ class Supervisor:
             if name not in self.workers:
                 self.workers[name] = worker = self._make_worker(info)
                 to_start.append(worker)
-        await self.start_workers(to_start)
+        await self.start_workers(to_start, ranks=False)
         await asyncio.gather(*(self._restart_changed(name, infos) for name in result.changed))
         return result
 

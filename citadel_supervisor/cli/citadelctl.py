@@ -170,7 +170,26 @@ def status_table(workers: list[dict[str, Any]], colour: bool, now: float | None 
         if colour and fg:
             cells[1] = click.style(cells[1], fg=fg)
         lines.append("  ".join(cells).rstrip())
+    lines += [group_line(w) for w in workers if w.get("multinode")]
     return "\n".join(lines)
+
+
+def group_line(worker: dict[str, Any]) -> str:
+    """A multinode worker's group, under the table: its rank, generation, state and every node."""
+    group = worker["multinode"]
+    summary = group["group"]
+    nodes = []
+    for node in group["nodes"]:
+        if node["rank"] == group["rank"]:
+            nodes.append(f"{node['rank']}={node['name']} (this node, {worker['state']})")
+            continue
+        peer = node.get("peer") or {}
+        seen = (f"{peer.get('state')}, gen {peer.get('generation')}" if peer.get("reachable")
+                else "unreachable")
+        nodes.append(f"{node['rank']}={node['name']} ({seen})")
+    return (f"{worker['service']}: multinode rank {group['rank']} of {group['size']}, generation "
+            f"{summary['generation']}, group {summary['state']}, {summary['restarts']} group restarts; "
+            f"ranks {', '.join(nodes)}")
 
 
 @main.command()

@@ -197,6 +197,8 @@ def _validate_services(
         interp.secrets.update(v for k, v in service.env.items() if is_secret_name(k))
         interp.secrets.update(v.get_secret_value() for v in service.__dict__.values()
                               if isinstance(v, SecretStr))
+        if service.multinode is not None:
+            interp.secrets.add(service.multinode.secret.get_secret_value())
         services[name] = service
     return services
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..process.accounts import RunAs, can_switch_users
 from .durations import Duration
@@ -95,6 +96,37 @@ def _signal_number(value: object) -> object:
     return value
 
 
+class MultinodeNode(Model):
+    """One node of a multinode service: ``{ name = "a", address = "10.0.0.1", citadel = "http://10.0.0.1:9180" }``."""
+
+    name: str = Field(description="the node's name, as its citadeld knows itself (daemon.node)")
+    address: str = Field(description="the address the node's rank is reached at (rank 0's: the master)")
+    citadel: str = Field(description="the node citadeld's exporter URL, where its peers read its state")
+
+
+class MultinodeConfig(Model):
+    """``[services.NAME.multinode]``: one deployment across nodes, rank N on ``nodes[N]``."""
+
+    nodes: list[MultinodeNode] = Field(
+        min_length=2, description="every node of the group, rank 0 (the head, which serves the API) first")
+    master_port: int = Field(29500, ge=1, le=65535,
+                             description="rank 0's port for the group's own traffic (vLLM's --master-port)")
+    secret: SecretStr = Field(
+        min_length=16, description="shared by every node's citadeld: signs what they tell each other")
+    poll: Duration = Field(1.0, gt=0, description="how often each citadeld reads its peers' state")
+    peer_timeout: Duration = Field(
+        10.0, gt=0, description="a peer silent this long is lost: the group stops, and restarts when it is back")
+    start_grace: Duration = Field(
+        30.0, gt=0, description="how long the head waits for every rank to start a new generation")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> MultinodeConfig:
+        names = [node.name for node in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must differ: {names}")
+        return self
+
+
 class ServiceConfig(Model):
     """Keys every service has, whatever its type. Service types extend this."""
 
@@ -142,6 +174,8 @@ class ServiceConfig(Model):
     group: str | None = Field(
         None, description="and this group (name or gid); default: the user's own; needs CAP_SETGID"
     )
+    multinode: MultinodeConfig | None = Field(
+        None, description="run as one group across nodes, a rank on each (docs/multinode.md)")
 
     _stop_signal = field_validator("stop_signal", mode="before")(_signal_number)
 
@@ -149,6 +183,12 @@ class ServiceConfig(Model):
     def _backoff_order(self) -> ServiceConfig:
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+    @model_validator(mode="after")
+    def _one_rank_per_node(self) -> ServiceConfig:
+        if self.multinode is not None and self.replicas != 1:
+            raise ValueError("a multinode service runs one rank per node: replicas must be 1")
         return self
 
     @model_validator(mode="after")
@@ -202,11 +242,18 @@ class DaemonConfig(Model):
     read_groups: list[str] = Field(default_factory=list, description="may read status/logs")
     cgroups: Literal["auto", "off"] = Field("auto", description="a cgroup per worker, if possible")
     port_range: tuple[int, int] = Field((8100, 8999), description="for services with port = 0")
+    node: str | None = Field(
+        None, description="this citadeld's name among a multinode service's nodes "
+                          "(default: $CITADEL_NODE, else the host name)")
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    def node_name(self) -> str:
+        """This citadeld's node name: ``node``, else ``$CITADEL_NODE``, else the host name."""
+        return self.node or os.environ.get("CITADEL_NODE") or socket.gethostname()
 
 
 class HostChecksConfig(Model):

@@ -40,9 +40,10 @@ from prometheus_client.exposition import choose_encoder
 
 from .. import __version__, hookimpl
 from ..config import CitadelConfig
+from ..control import API_PREFIX
 from ..control.admission import CappedTCPSite, ConnectionGate
 from ..control.responses import json_response
-from ..control.route import Route
+from ..control.route import Route, accept_plugin_routes
 from ..events import EventBus, WorkerEvent
 from ..gpu.metrics import GpuReader
 from ..plugins import PluginRegistry
@@ -201,6 +202,9 @@ class Exporter:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/health", self.health)
+        taken = {"/", "/metrics", "/healthz", "/readyz", "/health"}
+        for route in accept_plugin_routes(self.plugins.call_each("citadel_exporter_routes"), taken):
+            app.router.add_get(API_PREFIX + route.path, route.handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
                                      keepalive_timeout=IDLE_TIMEOUT)
         await self._runner.setup()

@@ -51,7 +51,7 @@ class WorkerSnapshot:
             service=worker.info.service,
             worker=worker.name,
             state=worker.state.value,
-            ready=worker.ready,
+            ready=worker.serving,
             required=worker.info.config.required,
             restarts=worker.restarts,
             uptime=(time.monotonic() - worker.spawned_at) if proc is not None and worker.spawned_at else None,

@@ -6,9 +6,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config import ProbeConfig, ProbesConfig, ServiceConfig
+
+if TYPE_CHECKING:
+    from ..multinode.rank import GroupRank
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class WorkerInfo:
     #: The pids of the worker's process tree now (reads /proc): set on the info a probe is
     #: built with, so that it can tell the worker's sockets from a stranger's; empty elsewhere.
     tree_pids: Callable[[], set[int]] = field(default=lambda: set(), compare=False, repr=False)
+    #: Its rank, when the service runs across nodes (``multinode``); None otherwise.
+    group_rank: GroupRank | None = field(default=None, compare=False)
 
 
 @dataclass

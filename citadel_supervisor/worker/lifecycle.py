@@ -114,6 +114,12 @@ class Worker:
         return self.info.name
 
     @property
+    def serving(self) -> bool:
+        """Ready for traffic: ready, and for a rank of a multinode group, its whole group ready."""
+        rank = self.info.group_rank
+        return self.ready and (rank is None or rank.group_ready)
+
+    @property
     def wanted(self) -> bool:
         """True when the operator (or the config) wants this worker up."""
         return self._want_up
@@ -474,12 +480,13 @@ class Worker:
             "state": self.state.value,
             "pid": proc.pid if proc is not None else None,
             "restarts": self.restarts,
-            "ready": self.ready,
+            "ready": self.serving,
             "gpus": list(self.info.gpu_indices),
             "gpu_uuids": list(self.info.gpu_uuids),
             "host": self.info.config.host,
             "port": self.info.port,
             "models": self.service_type.models(self.info),
+            "multinode": self.info.group_rank.to_json() if self.info.group_rank is not None else None,
             "since": self.since,
             "uptime": (time.monotonic() - self.spawned_at) if proc is not None and self.spawned_at else None,
             "last_exit": self.last_exit.to_json() if self.last_exit else None,

@@ -36,10 +36,14 @@ class RestartPolicy:
     rng: random.Random = field(default_factory=random.Random)
     failures: deque[float] = field(default_factory=deque)
     quick_exits: int = 0
+    #: The policy of a whole multinode group (its head applies it); a rank's own never restarts.
+    for_group: bool = False
 
     def decide(self, failed: bool, uptime: float, now: float) -> RestartDecision:
         """Decide after an exit; ``uptime`` is how long the process ran."""
         cfg = self.config
+        if cfg.multinode is not None and not self.for_group:
+            return RestartDecision(False, reason="a rank of a multinode group: the group restarts as one")
         if cfg.restart == "never" or (cfg.restart == "on-failure" and not failed):
             return RestartDecision(False, reason=f"restart = {cfg.restart!r}")
         if failed:

@@ -21,12 +21,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("operating system", ("process",)),
     ("config", ("config",)),
     ("shared types", ("services.base", "probes.base", "worker.restart_policy", "control.route",
-                      "control.responses", "exporter.snapshot")),
+                      "control.responses", "exporter.snapshot", "multinode.rank", "multinode.auth")),
     ("mechanisms", ("plugins", "gpu", "probes", "exporter", "control.access",
                     "control.admission", "control.client")),
     ("workers", ("worker", "supervisor")),
     ("parts", ("services", "probes.kinds", "exporter.collectors.processes", "exporter.collectors.host",
-               "exporter.server", "gpu.plugin", "control")),
+               "exporter.server", "gpu.plugin", "control", "multinode")),
     ("assembly", ("daemon", "cli")),
 ]
 
