@@ -304,8 +304,11 @@ class MultinodePlugin:
     async def _restart_group(self, gang: Gang, reason: str, backoff: bool) -> None:
         rank, worker = gang.rank, gang.worker
         rank.group_ready = False
-        rank.group_state = "restarting"
-        logger.error("multinode {}: restarting the group ({})", rank.service, reason)
+        if rank.generation == 0:
+            logger.info("multinode {}: every node answers: starting the group", rank.service)
+        else:
+            rank.group_state = "restarting"
+            logger.error("multinode {}: restarting the group ({})", rank.service, reason)
         uptime = time.monotonic() - gang.started_at
         if worker.state != WorkerState.STOPPED:
             worker.stop()
@@ -375,15 +378,20 @@ class MultinodeCollector:
                                        labels=["service", "node", "rank"])
         restarts = CounterMetricFamily("citadel_multinode_restarts",
                                        "Whole-group restarts made by the head.", labels=["service"])
+        info = GaugeMetricFamily("citadel_multinode_rank_info",
+                                 "Always 1: the node and rank of a multinode service's worker here, to "
+                                 "join on `worker` (`* on(worker) group_left(node, rank)`).",
+                                 labels=["service", "worker", "node", "rank"])
         peer = GaugeMetricFamily("citadel_multinode_peer_up",
                                  "1 when this node read the peer's signed state at its last try.",
                                  labels=["service", "node", "rank", "peer"])
         for rank in self.ranks:
             key = [rank.service, rank.node, str(rank.rank)]
+            info.add_metric([rank.service, rank.service, rank.node, str(rank.rank)], 1.0)
             ready.add_metric(key, 1.0 if rank.group_ready else 0.0)
             generation.add_metric(key, float(rank.group_generation))
             if rank.is_head:
                 restarts.add_metric([rank.service], float(rank.group_restarts))
             for name, seen in sorted(rank.peers.items()):
                 peer.add_metric(key + [name], 1.0 if seen.get("reachable") else 0.0)
-        yield from (ready, generation, restarts, peer)
+        yield from (info, ready, generation, restarts, peer)

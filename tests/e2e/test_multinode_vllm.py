@@ -38,10 +38,11 @@ type = "vllm"
 model = "{model}"
 python = "{python}"
 served_model_name = "smollm2"
-port = ${{CITADEL_TEST_API_PORT}}
+port = "${{CITADEL_TEST_API_PORT}}"
 max_model_len = 1024
 dtype = "bfloat16"
 data_parallel_size = 2
+args = ["--enforce-eager"]
 startup_timeout = 600
 backoff_initial = 0
 env = {{ VLLM_CPU_KVCACHE_SPACE = "1", HF_HUB_OFFLINE = "1", VLLM_CPU_OMP_THREADS_BIND = "${{CITADEL_TEST_CORE}}" }}

