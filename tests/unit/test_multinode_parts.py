@@ -13,7 +13,13 @@ from pydantic import ValidationError
 
 from citadel_supervisor.config import CitadelConfig
 from citadel_supervisor.config.models import MultinodeConfig
-from citadel_supervisor.multinode.auth import MAX_SKEW, check_answer, check_request, sign_answer, sign_request
+from citadel_supervisor.multinode.auth import (
+    MAX_SKEW,
+    check_answer,
+    check_request,
+    sign_answer,
+    sign_request,
+)
 from citadel_supervisor.multinode.checks import citadel_check_config
 from citadel_supervisor.multinode.rank import GroupRank
 from citadel_supervisor.services.base import WorkerInfo
@@ -25,7 +31,7 @@ NODES = [{"name": "a", "address": "10.0.0.1", "citadel": "http://10.0.0.1:9180"}
 
 
 def multinode(**keys: Any) -> dict[str, Any]:
-    return {"nodes": NODES, "secret": SECRET, "master_port": 29611, **keys}
+    return {"nodes": NODES, "secret": SECRET, "master_port": 7077, **keys}
 
 
 def test_a_group_needs_two_distinct_nodes_a_long_secret_and_one_replica() -> None:
@@ -85,7 +91,7 @@ def test_rank_0_serves_the_api_and_rank_1_is_headless_with_the_same_engine() -> 
     follower = VllmService().spawn_spec(rank_info(1, pipeline_parallel_size=2))
     assert head.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert follower.argv[1:5] == ["-c", HEADLESS_LAUNCHER, "serve", "org/model"]
-    flags = ["--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "29611"]
+    flags = ["--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "7077"]
     for argv, rank in ((head.argv, "0"), (follower.argv, "1")):
         assert all(flag in argv for flag in flags) and argv[argv.index("--node-rank") + 1] == rank
         assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
@@ -98,7 +104,7 @@ def test_rank_0_serves_the_api_and_rank_1_is_headless_with_the_same_engine() -> 
 def test_data_parallel_ranks_get_vllms_data_parallel_flags() -> None:
     follower = VllmService().spawn_spec(rank_info(1, data_parallel_size=2)).argv
     expected = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
-                "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "29611",
+                "--data-parallel-address", "10.0.0.1", "--data-parallel-rpc-port", "7077",
                 "--data-parallel-start-rank", "1", "--headless"]
     start = follower.index("--data-parallel-size")
     assert follower[start:start + len(expected)] == expected
@@ -110,7 +116,7 @@ def test_each_rank_is_told_who_it_is() -> None:
     assert group is not None
     group.generation = 7
     assert group.env() == {"CITADEL_GROUP_RANK": "1", "CITADEL_GROUP_SIZE": "2", "CITADEL_GROUP_GENERATION": "7",
-                           "CITADEL_GROUP_MASTER_ADDR": "10.0.0.1", "CITADEL_GROUP_MASTER_PORT": "29611"}
+                           "CITADEL_GROUP_MASTER_ADDR": "10.0.0.1", "CITADEL_GROUP_MASTER_PORT": "7077"}
     assert SECRET not in str(group.to_json())
 
 

@@ -71,6 +71,14 @@ async def states_until(queue: asyncio.Queue[WorkerEvent], last: str, limit: int 
     raise AssertionError(f"no {last!r} in {seen}")
 
 
+async def held(queue: asyncio.Queue[WorkerEvent]) -> WorkerEvent:
+    """The first event of a restart held by a plugin (state backoff, ``waiting`` set)."""
+    event = await asyncio.wait_for(queue.get(), 30)
+    while not (event.kind == "state" and event.detail.get("waiting")):
+        event = await asyncio.wait_for(queue.get(), 30)
+    return event
+
+
 def test_a_worker_that_keeps_failing_is_restarted_then_goes_fatal(tmp_path: Path) -> None:
     asyncio.run(_keeps_failing(tmp_path))
 
@@ -93,12 +101,9 @@ async def _keeps_failing(tmp_path: Path) -> None:
     await session.close()
 
 
-def test_a_restart_waits_for_the_plugins_and_a_stop_ends_it(tmp_path: Path) -> None:
-    asyncio.run(_restart_waits(tmp_path))
-
-
-async def _restart_waits(tmp_path: Path) -> None:
-    session = aiohttp.ClientSession()
+def failing_worker_held(tmp_path: Path, session: aiohttp.ClientSession
+                        ) -> tuple[Worker, asyncio.Queue[WorkerEvent], HoldsRestarts]:
+    """A started worker that exits 1 at once, whose restarts ``HoldsRestarts`` holds."""
     events = EventBus()
     queue = events.subscribe()
     holder = HoldsRestarts()
@@ -108,9 +113,17 @@ async def _restart_waits(tmp_path: Path) -> None:
                          start_limit_burst=100)
     worker.run()
     worker.start()
-    event = await asyncio.wait_for(queue.get(), 30)
-    while not (event.kind == "state" and event.detail.get("waiting")):
-        event = await asyncio.wait_for(queue.get(), 30)
+    return worker, queue, holder
+
+
+def test_a_restart_waits_for_the_plugins_and_a_stop_ends_it(tmp_path: Path) -> None:
+    asyncio.run(_restart_waits(tmp_path))
+
+
+async def _restart_waits(tmp_path: Path) -> None:
+    session = aiohttp.ClientSession()
+    worker, queue, holder = failing_worker_held(tmp_path, session)
+    event = await held(queue)
     assert event.state == "backoff" and event.detail["waiting"] == "the test's permission"
     assert holder.held == ["w"] and worker.state == WorkerState.BACKOFF
     holder.release.set()
@@ -127,18 +140,8 @@ def test_a_stop_cuts_a_held_restart_short(tmp_path: Path) -> None:
 
 async def _stop_while_held(tmp_path: Path) -> None:
     session = aiohttp.ClientSession()
-    events = EventBus()
-    queue = events.subscribe()
-    holder = HoldsRestarts()  # never released: only the stop can end the wait
-    plugins = PluginRegistry()
-    plugins.register(holder, "holder")
-    worker = make_worker(tmp_path, session, "import sys; sys.exit(1)", plugins, events,
-                         start_limit_burst=100)
-    worker.run()
-    worker.start()
-    event = await asyncio.wait_for(queue.get(), 30)
-    while not (event.kind == "state" and event.detail.get("waiting")):
-        event = await asyncio.wait_for(queue.get(), 30)
+    worker, queue, holder = failing_worker_held(tmp_path, session)  # never released: only a stop ends it
+    await held(queue)
     worker.stop()
     assert await worker.wait_for({WorkerState.STOPPED}, timeout=10)  # the wait never ends by itself
     assert worker.state == WorkerState.STOPPED and holder.held == ["w"]
