@@ -34,7 +34,7 @@ ProbeRole = Literal["startup", "liveness", "readiness"]
 class ProbeConfig(Model):
     """One health probe: what to check, and how often."""
 
-    kind: str = Field(description="http, tcp, exec, inference, or a kind a plugin adds")
+    kind: str = Field(description="http, tcp, exec, inference, progress, or a kind a plugin adds")
     url: str | None = Field(None, description="http: the URL; 2xx and 3xx pass")
     path: str | None = Field(
         None, description="http: a path on the worker's own port, instead of a full url"
@@ -46,6 +46,8 @@ class ProbeConfig(Model):
     timeout: Duration = Field(2.0, gt=0, description="seconds before one check fails")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that count")
     success_threshold: int = Field(1, ge=1, description="consecutive successes that count")
+    stall_after: Duration = Field(
+        120.0, gt=0, description="progress: requests pending and no token processed for this long is a stall")
 
     @model_validator(mode="after")
     def _kind_has_its_target(self) -> ProbeConfig:

@@ -42,6 +42,8 @@ class WorkerSnapshot:
     probes: tuple[ProbeSnapshot, ...]
     proc: ProcessTree | None
     metrics_url: str | None
+    #: Failed runs by cause (worker.lifecycle.FAILURE_CAUSES), since citadeld started.
+    failures: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, worker: Worker) -> WorkerSnapshot:
@@ -62,6 +64,7 @@ class WorkerSnapshot:
             ),
             proc=proc,
             metrics_url=worker.service_type.metrics_url(worker.info),
+            failures=tuple(sorted(worker.failures.items())),
         )
 
 

@@ -27,6 +27,9 @@ class ProbeResult:
     detail: str
     duration: float
     time: float = field(default_factory=time.time)
+    #: Why a failed check failed, in one word an operator can act on, when the probe knows
+    #: better than "liveness" (the vLLM ``progress`` probe says ``stalled``).
+    cause: str | None = None
 
 
 class Probe(Protocol):

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+from loguru import logger
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from .. import hookimpl
 from ..config import ProbeConfig, ProbesConfig, ServiceConfig
 from ..config.durations import Duration
+from ..exporter.federation.validate import MAX_PAGE_BYTES
 from ..logs.masking import masker
 from ..probes.base import ProbeResult
 from ..process.listeners import port_owner
 from .base import ServiceType, SpawnSpec, WorkerInfo
+from .vllm_metrics import EngineMetrics, read_engine
 
 if TYPE_CHECKING:
     from ..multinode.rank import GroupRank
@@ -105,6 +108,11 @@ class VllmConfig(ServiceConfig):
     inference_probe: bool = Field(
         False, description="liveness by a real 1-token request, which catches a hung engine"
     )
+    stall_timeout: Duration = Field(
+        120.0, ge=0,
+        description="liveness fails when requests are pending and the engine processes no token for "
+                    "this long (read from vLLM's /metrics: a stalled engine whose /health still "
+                    "answers); 0: /health alone")
     startup_timeout: Duration = Field(900.0, gt=0)
 
     @field_validator("served_model_name")
@@ -242,6 +250,65 @@ class InferenceProbe:
         return masker.mask(owner.refusal())
 
 
+class ProgressProbe:
+    """Liveness from the engine's own counters: ``/health`` must answer 200, and while requests
+    are pending (waiting or running) the engine must process tokens.
+
+    vLLM's API server can answer ``/health`` while its engine is stuck (a deadlocked or
+    frozen EngineCore): requests queue and nothing is generated. The probe reads
+    ``/metrics`` (served by the API server, so it answers then too) and fails, with the
+    cause ``stalled``, once work has been pending for ``stall_after`` seconds without a
+    token processed. Names are read through ``vllm_metrics.NAMES``: a vLLM whose page has
+    none of them is checked by ``/health`` alone (logged once).
+    """
+
+    def __init__(self, config: ProbeConfig, worker: WorkerInfo, session: aiohttp.ClientSession):
+        service = worker.config
+        assert isinstance(service, VllmConfig) and worker.port
+        self.base = f"http://{service.host}:{worker.port}"
+        self.timeout = config.timeout
+        self.stall_after = config.stall_after
+        self.session = session
+        self.name = worker.name
+        self._tokens: float | None = None
+        self._progress_at = time.monotonic()
+        self._unreadable_logged = False
+
+    async def check(self) -> ProbeResult:
+        """``/health``, then ``/metrics``: has the engine moved since work was pending?"""
+        start = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        try:
+            async with self.session.get(self.base + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return ProbeResult(False, f"HTTP {resp.status}", time.monotonic() - start)
+            async with self.session.get(self.base + "/metrics", timeout=timeout) as resp:
+                page = (await resp.content.read(MAX_PAGE_BYTES)).decode(errors="replace")
+        except TimeoutError:
+            return ProbeResult(False, f"timed out after {self.timeout:g}s", time.monotonic() - start)
+        except aiohttp.ClientError as exc:
+            return ProbeResult(False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
+        return self._judge(read_engine(page), time.monotonic(), time.monotonic() - start)
+
+    def _judge(self, engine: EngineMetrics, now: float, duration: float) -> ProbeResult:
+        pending, tokens = engine.pending, engine.tokens
+        if pending is None or tokens is None:
+            if not self._unreadable_logged:
+                self._unreadable_logged = True
+                logger.warning("{}: vLLM's /metrics has none of the names Citadel knows for pending "
+                               "requests and tokens; stalls are not detected, /health alone counts",
+                               self.name)
+            return ProbeResult(True, "HTTP 200 (no engine counters)", duration)
+        if pending == 0 or tokens != self._tokens:
+            self._tokens, self._progress_at = tokens, now
+            return ProbeResult(True, f"HTTP 200, {pending:g} pending", duration)
+        still = now - self._progress_at
+        if still < self.stall_after:
+            return ProbeResult(True, f"HTTP 200, {pending:g} pending, no token for {still:.0f}s", duration)
+        return ProbeResult(False, f"stalled: {pending:g} requests pending and no token processed for "
+                                  f"{still:.0f}s while /health answers 200", duration, cause="stalled")
+
+
 class VllmService(ServiceType):
     """Spawns vLLM's API server; ready when ``/health`` answers 200."""
 
@@ -298,8 +365,13 @@ class VllmService(ServiceType):
         if worker.group_rank is not None and not worker.group_rank.is_head:
             return ProbesConfig()
         health = ProbeConfig(kind="http", path="/health", period=5.0, timeout=5.0, failure_threshold=3)
-        liveness = (ProbeConfig(kind="inference", period=30.0, timeout=30.0, failure_threshold=3)
-                    if config.inference_probe else health.model_copy(update={"period": 10.0}))
+        if config.inference_probe:
+            liveness = ProbeConfig(kind="inference", period=30.0, timeout=30.0, failure_threshold=3)
+        elif config.stall_timeout > 0:
+            liveness = health.model_copy(update={"kind": "progress", "period": min(10.0, config.stall_timeout / 4),
+                                                 "stall_after": config.stall_timeout})
+        else:
+            liveness = health.model_copy(update={"period": 10.0})
         return ProbesConfig(
             startup=health.model_copy(update={"period": 0.1, "timeout": 2.0}),
             liveness=liveness,
@@ -347,8 +419,8 @@ def citadel_service_types() -> list[ServiceType]:
 
 @hookimpl
 def citadel_probe_kinds() -> dict[str, object]:
-    """The ``inference`` probe kind."""
-    return {"inference": InferenceProbe}
+    """The ``inference`` and ``progress`` probe kinds."""
+    return {"inference": InferenceProbe, "progress": ProgressProbe}
 
 
 def group_flags(config: VllmConfig, rank: GroupRank) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -66,6 +67,12 @@ class WorkerRuntime:
     gpu_inventory: GpuInventory | None = None
 
 
+#: Why a run failed, one word each: it could not be spawned; it was not ready within
+#: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
+#: it exited with a non-zero code; a signal killed it; citadeld's own bug.
+FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "internal")
+
+
 @dataclass
 class RunOutcome:
     """How one run of the process ended."""
@@ -74,6 +81,8 @@ class RunOutcome:
     uptime: float
     interrupted: bool
     reason: str
+    #: The failure's class, in one word (``FAILURE_CAUSES``); "" when it did not fail.
+    cause: str = ""
 
 
 class Worker:
@@ -92,6 +101,9 @@ class Worker:
         self.restarts = 0
         self.last_exit: ExitStatus | None = None
         self.last_error: str | None = None
+        #: The cause of the last failed run (``FAILURE_CAUSES``), and a count of each.
+        self.last_failure: str | None = None
+        self.failures: Counter[str] = Counter()
         self.last_lines: list[str] = []
         self.proc: ProcessTree | None = None
         self.spawned_at: float | None = None
@@ -250,6 +262,9 @@ class Worker:
                 outcome = await self._run_once()
             except Exception as exc:  # noqa: BLE001 (a bug must not leave the process unsupervised)
                 outcome = await self._recover_from(exc)
+            if outcome.failed and not outcome.interrupted:
+                self.last_failure = outcome.cause
+                self.failures[outcome.cause] += 1
             if outcome.interrupted or not self._want_up:
                 continue
             decision = self.policy.decide(outcome.failed, outcome.uptime, time.monotonic())
@@ -330,7 +345,7 @@ class Worker:
             self.last_error = masker.mask(str(exc))
             self._log.error("cannot start: {}", self.last_error)
             self._set_state(WorkerState.STOPPED, error=self.last_error)
-            return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=self.last_error)
+            return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=self.last_error, cause="spawn")
         self.proc = proc
         self.last_error = None
         self.spawned_at = time.monotonic()
@@ -339,9 +354,9 @@ class Worker:
         self._set_state(WorkerState.STARTING, pid=proc.pid)
         exit_task = asyncio.ensure_future(proc.wait())
         interrupt_task = asyncio.ensure_future(self._interrupt.wait())
-        failure = asyncio.get_running_loop().create_future()
+        failure: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
         probe_tasks: list[asyncio.Task[None]] = []
-        reason = ""
+        reason = cause = ""
         try:
             probes = self.service_type.probes(self.info)
             startup = asyncio.ensure_future(self._startup(probes.startup))
@@ -350,13 +365,13 @@ class Worker:
             if startup.done() and not exit_task.done() and not interrupt_task.done():
                 error = startup.result()
                 if error is not None:
-                    failure.set_result(error)
+                    failure.set_result((error, "startup"))
                 else:
                     self._set_state(WorkerState.RUNNING)
                     self._set_ready(probes.readiness is None or probes.startup is not None)
                     probe_tasks += self._start_probes(probes.liveness, probes.readiness, failure)
-                    await asyncio.wait({exit_task, interrupt_task, failure},
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    pending: list[asyncio.Future[Any]] = [exit_task, interrupt_task, failure]
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in probe_tasks:
                 task.cancel()
@@ -367,8 +382,8 @@ class Worker:
         if not exit_task.done():
             self._set_state(WorkerState.STOPPING)
             if failure.done():
-                reason = failure.result()
-                self._log.error("{}; stopping it", reason)
+                reason, cause = failure.result()
+                self._log.error("{} ({}); stopping it", reason, cause)
         await proc.stop(self.info.config.stop_signal, self.info.config.stop_timeout)
         status = await exit_task
         await self.output.drained(0.5)
@@ -380,12 +395,15 @@ class Worker:
         failed = not interrupted and (failure.done() or status.failed())
         if not interrupted and not failure.done():
             reason = status.describe()
+            cause = "signal" if status.signal is not None else "exit"
             tail = "".join(f"\n  | {line}" for line in self.last_lines)
             level = "ERROR" if failed else "INFO"
             self._log.log(level, "exited ({}) after {:.1f}s; last lines:{}", reason, uptime, tail or " none")
         self._publish("exit", self.state.value, {"exit": status.to_json(), "reason": reason,
+                                                 "cause": cause if failed else None,
                                                  "last_lines": self.last_lines})
-        return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason)
+        return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason,
+                          cause=cause if failed else "")
 
     async def _recover_from(self, exc: Exception) -> RunOutcome:
         """One run broke on a bug (here or in a plugin's hook): stop the process it started,
@@ -404,8 +422,9 @@ class Worker:
             self.output.detach()
             self.runtime.state_file.remove(self.name)
         reason = f"internal error: {type(exc).__name__}"
-        self._publish("exit", self.state.value, {"exit": None, "reason": reason, "last_lines": []})
-        return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=reason)
+        self._publish("exit", self.state.value, {"exit": None, "reason": reason, "cause": "internal",
+                                                 "last_lines": []})
+        return RunOutcome(failed=True, uptime=0.0, interrupted=False, reason=reason, cause="internal")
 
     def _watch_startup_line(self, line: str) -> None:
         phase = self.service_type.startup_phase(line)
@@ -435,13 +454,14 @@ class Worker:
             await wait_event(self._probe_now, min(probe.period, max(0.0, deadline - time.monotonic())))
 
     def _start_probes(self, liveness: ProbeConfig | None, readiness: ProbeConfig | None,
-                      failure: asyncio.Future[str]) -> list[asyncio.Task[None]]:
+                      failure: asyncio.Future[tuple[str, str]]) -> list[asyncio.Task[None]]:
         tasks = []
         if liveness is not None:
             def on_liveness(passing: bool, result: ProbeResult) -> None:
                 if not passing and not failure.done():
                     failure.set_result(
-                        f"liveness probe failed {liveness.failure_threshold} times: {result.detail}")
+                        (f"liveness probe failed {liveness.failure_threshold} times: {result.detail}",
+                         result.cause or "liveness"))
 
             runner = ProbeRunner("liveness", self._make_probe(liveness), liveness, on_liveness, True)
             self.probes["liveness"] = runner
@@ -491,6 +511,7 @@ class Worker:
             "uptime": (time.monotonic() - self.spawned_at) if proc is not None and self.spawned_at else None,
             "last_exit": self.last_exit.to_json() if self.last_exit else None,
             "last_error": self.last_error,
+            "last_failure": self.last_failure,
             "last_lines": self.last_lines,
             "phase": self.phase,
             "probes": {role: r.to_json() for role, r in self.probes.items()},

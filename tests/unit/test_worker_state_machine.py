@@ -96,6 +96,8 @@ async def _keeps_failing(tmp_path: Path) -> None:
     assert seen == ["starting", "running"] * 3 + ["fatal"]
     assert worker.state == WorkerState.FATAL and worker.restarts == 2
     assert worker.last_exit is not None and worker.last_exit.code == 3
+    assert worker.last_failure == "exit" and worker.failures == {"exit": 3}
+    assert worker.to_json()["last_failure"] == "exit"
     worker.stop()
     await worker.settled(10)
     await session.close()

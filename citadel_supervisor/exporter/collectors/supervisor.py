@@ -47,6 +47,9 @@ class SupervisorCollector:
                                   labels=_WORKER)
         restarts = CounterMetricFamily("citadel_worker_restarts", "Restarts of the worker by citadeld.",
                                        labels=_WORKER)
+        failures = CounterMetricFamily("citadel_worker_failures",
+                                       "Failed runs of the worker, by cause: spawn, startup, liveness, "
+                                       "stalled, exit, signal, internal.", labels=_WORKER + ["cause"])
         uptime = GaugeMetricFamily("citadel_worker_uptime_seconds",
                                    "Seconds since the worker's process was spawned; 0 when none runs.",
                                    labels=_WORKER)
@@ -62,12 +65,14 @@ class SupervisorCollector:
             up.add_metric(key, 1.0 if w.proc is not None else 0.0)
             ready.add_metric(key, 1.0 if w.ready else 0.0)
             restarts.add_metric(key, float(w.restarts))
+            for cause, count in w.failures:
+                failures.add_metric(key + [cause], float(count))
             uptime.add_metric(key, w.uptime or 0.0)
             for probe in w.probes:
                 if probe.duration is not None:
                     probe_time.add_metric(key + [probe.role], probe.duration)
                 probe_failures.add_metric(key + [probe.role], float(probe.failures_total))
-        yield from (state, up, ready, restarts, uptime, self.startup.family(), probe_time, probe_failures)
+        yield from (state, up, ready, restarts, failures, uptime, self.startup.family(), probe_time, probe_failures)
 
         build = GaugeMetricFamily("citadel_build_info", "Always 1; the labels say which citadeld runs.",
                                   labels=["version", "python"])
