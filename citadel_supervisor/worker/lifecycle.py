@@ -38,6 +38,7 @@ from ..process.statefile import StateFile
 from ..services.base import ServiceType, WorkerInfo
 from ..states import WorkerState
 from ..waits import wait_event
+from .forensics import classify
 from .restart_policy import RestartPolicy, RestartWait
 
 #: Variables of citadeld's own environment that must not reach a worker.
@@ -69,8 +70,10 @@ class WorkerRuntime:
 
 #: Why a run failed, one word each: it could not be spawned; it was not ready within
 #: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
-#: it exited with a non-zero code; a signal killed it; citadeld's own bug.
-FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "internal")
+#: it exited with a non-zero code, or a signal killed it (both refined from its last
+#: lines by ``forensics``: gpu_oom, model, port); citadeld's own bug.
+FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "gpu_oom", "model",
+                  "port", "internal")
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Worker:
                 self.failures[outcome.cause] += 1
             if outcome.interrupted or not self._want_up:
                 continue
-            decision = self.policy.decide(outcome.failed, outcome.uptime, time.monotonic())
+            decision = self.policy.decide(outcome.failed, outcome.uptime, time.monotonic(), outcome.cause)
             if decision.fatal:
                 self._want_up = False
                 self._log.error("giving up: {}; `citadelctl start {}` tries again",
@@ -395,10 +398,12 @@ class Worker:
         failed = not interrupted and (failure.done() or status.failed())
         if not interrupted and not failure.done():
             reason = status.describe()
-            cause = "signal" if status.signal is not None else "exit"
+            cause = classify("signal" if status.signal is not None else "exit", self.last_lines)
             tail = "".join(f"\n  | {line}" for line in self.last_lines)
             level = "ERROR" if failed else "INFO"
-            self._log.log(level, "exited ({}) after {:.1f}s; last lines:{}", reason, uptime, tail or " none")
+            because = f", cause {cause}" if failed else ""
+            self._log.log(level, "exited ({}{}) after {:.1f}s; last lines:{}", reason, because, uptime,
+                          tail or " none")
         self._publish("exit", self.state.value, {"exit": status.to_json(), "reason": reason,
                                                  "cause": cause if failed else None,
                                                  "last_lines": self.last_lines})

@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from ..config import ServiceConfig
+from .forensics import FATAL_CAUSES
 
 
 @dataclass
@@ -39,11 +40,16 @@ class RestartPolicy:
     #: The policy of a whole multinode group (its head applies it); a rank's own never restarts.
     for_group: bool = False
 
-    def decide(self, failed: bool, uptime: float, now: float) -> RestartDecision:
-        """Decide after an exit; ``uptime`` is how long the process ran."""
+    def decide(self, failed: bool, uptime: float, now: float, cause: str = "") -> RestartDecision:
+        """Decide after an exit; ``uptime`` is how long the process ran, ``cause`` why it failed
+        (a cause no restart mends, ``forensics.FATAL_CAUSES``, is fatal at once)."""
         cfg = self.config
         if cfg.multinode is not None and not self.for_group:
             return RestartDecision(False, reason="a rank of a multinode group: the group restarts as one")
+        if failed and cause in FATAL_CAUSES:
+            return RestartDecision(False, fatal=True,
+                                   reason=f"the {cause} cannot be loaded or found: no restart mends that; "
+                                          "fix the config, then start it")
         if cfg.restart == "never" or (cfg.restart == "on-failure" and not failed):
             return RestartDecision(False, reason=f"restart = {cfg.restart!r}")
         if failed:

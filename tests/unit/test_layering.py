@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("", "states", "waits", "events", "testing", "systemd", "hookspecs", "logs")),
     ("operating system", ("process",)),
     ("config", ("config",)),
-    ("shared types", ("services.base", "probes.base", "worker.restart_policy", "control.route",
+    ("shared types", ("services.base", "probes.base", "worker.restart_policy", "worker.forensics", "control.route",
                       "control.responses", "exporter.snapshot", "multinode.rank", "multinode.auth")),
     ("mechanisms", ("plugins", "gpu", "probes", "exporter", "control.access",
                     "control.admission", "control.client")),

@@ -68,3 +68,9 @@ def test_no_delay_is_ever_negative_or_above_the_cap(uptimes: list[float], initia
     for t, uptime in enumerate(uptimes):
         decision = p.decide(True, uptime, float(t))
         assert 0.0 <= decision.delay <= cap
+
+
+def test_a_model_that_cannot_be_loaded_is_fatal_at_once() -> None:
+    decision = policy(start_limit_burst=100).decide(True, 0.5, 0.0, cause="model")
+    assert decision.fatal and not decision.restart and "model cannot be loaded" in decision.reason
+    assert policy().decide(True, 0.5, 0.0, cause="gpu_oom").restart  # may pass once memory is freed

@@ -60,10 +60,13 @@ def make_worker(tmp_path: Path, session: aiohttp.ClientSession, program: str,
 
 
 async def states_until(queue: asyncio.Queue[WorkerEvent], last: str, limit: int = 50) -> list[str]:
-    """The worker's states, from its events, up to and including ``last``."""
+    """The worker's states, from its events, up to and including ``last``; every exit event on
+    the way must name its cause."""
     seen: list[str] = []
     while len(seen) < limit:
         event = await asyncio.wait_for(queue.get(), 30)
+        if event.kind == "exit":
+            assert event.detail["cause"] in ("exit", None), event.detail
         if event.kind == "state":
             seen.append(event.state)
             if event.state == last:
