@@ -122,6 +122,20 @@ def kill(path: Path) -> None:
                 logger.warning("cannot kill pid {} of cgroup {}: permission denied", pid, path)
 
 
+def oom_kills(path: Path) -> int:
+    """How many of the cgroup's processes the kernel's OOM killer ended (``memory.events``);
+    0 when the memory controller is not enabled there, or the file cannot be read."""
+    try:
+        text = (path / "memory.events").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def remove(path: Path) -> bool:
     """Remove an empty cgroup; False when processes are still in it."""
     try:

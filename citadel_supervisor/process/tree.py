@@ -71,6 +71,9 @@ class ProcessTree:
         self.started = time.time()
         self.create_time = _create_time(self.pid)
         self.status: ExitStatus | None = None
+        #: Processes of the tree the kernel's OOM killer ended (read from its cgroup as the
+        #: tree is cleaned up; stays 0 without a cgroup with the memory controller).
+        self.oom_kills = 0
         #: pid -> start ticks of the members found last time: proof, while such a process
         #: lives, that its pid and group id are still this tree's after the leader is reaped.
         self._known: dict[int, int] = {}
@@ -236,6 +239,7 @@ class ProcessTree:
 
     def _cleanup_cgroup(self) -> None:
         if self.cgroup is not None:
+            self.oom_kills = cgroups.oom_kills(self.cgroup)
             cgroups.remove(self.cgroup)
 
 

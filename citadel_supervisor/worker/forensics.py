@@ -1,5 +1,5 @@
-"""Why a worker's run failed, in words an operator acts on: read from how it ended and what it
-last printed.
+"""Why a worker's run failed, in words an operator acts on: read from how it ended, what its
+cgroup counted, and what it last printed.
 
 ``classify`` refines a run's cause (``exit`` or ``signal``) from its last lines: a GPU
 out of memory, a model that cannot be found or loaded, a port already taken. The
@@ -27,10 +27,13 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 FATAL_CAUSES = frozenset({"model"})
 
 
-def classify(cause: str, last_lines: Iterable[str]) -> str:
-    """``cause``, refined by the run's last lines when it exited or was killed."""
+def classify(cause: str, last_lines: Iterable[str], oom_kills: int = 0) -> str:
+    """``cause``, refined when the run exited or was killed: ``oom`` when the kernel's OOM
+    killer ended one of its processes (``oom_kills``, from its cgroup), else by its last lines."""
     if cause not in ("exit", "signal"):
         return cause
+    if oom_kills > 0:
+        return "oom"
     lines = list(last_lines)
     for refined, pattern in PATTERNS:
         if any(pattern.search(line) for line in lines):

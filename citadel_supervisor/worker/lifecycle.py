@@ -71,8 +71,8 @@ class WorkerRuntime:
 #: Why a run failed, one word each: it could not be spawned; it was not ready within
 #: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
 #: it exited with a non-zero code, or a signal killed it (both refined from its last
-#: lines by ``forensics``: gpu_oom, model, port); citadeld's own bug.
-FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "gpu_oom", "model",
+#: lines and its cgroup by ``forensics``: oom, gpu_oom, model, port); citadeld's own bug.
+FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "oom", "gpu_oom", "model",
                   "port", "internal")
 
 
@@ -398,7 +398,7 @@ class Worker:
         failed = not interrupted and (failure.done() or status.failed())
         if not interrupted and not failure.done():
             reason = status.describe()
-            cause = classify("signal" if status.signal is not None else "exit", self.last_lines)
+            cause = classify("signal" if status.signal is not None else "exit", self.last_lines, proc.oom_kills)
             tail = "".join(f"\n  | {line}" for line in self.last_lines)
             level = "ERROR" if failed else "INFO"
             because = f", cause {cause}" if failed else ""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from citadel_supervisor.process.cgroups import oom_kills
 from citadel_supervisor.worker.forensics import classify
 
 
@@ -24,3 +27,12 @@ def test_other_causes_and_other_lines_stay_as_they_are() -> None:
     assert classify("signal", []) == "signal"
     assert classify("stalled", ["CUDA out of memory"]) == "stalled"  # the probe knew better
     assert classify("startup", ["Repository Not Found"]) == "startup"
+
+
+def test_the_oom_killer_is_read_from_the_workers_cgroup(tmp_path: Path) -> None:
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n")
+    assert oom_kills(tmp_path) == 2
+    assert oom_kills(tmp_path / "absent") == 0  # no memory controller there: nothing known
+    assert classify("signal", ["Killed"], oom_kills=2) == "oom"
+    assert classify("exit", ["CUDA out of memory"], oom_kills=1) == "oom"  # the kernel's word first
+    assert classify("liveness", [], oom_kills=1) == "liveness"
