@@ -338,6 +338,15 @@ class GpuInventory:
             except self.nvml.NVMLError as exc:
                 logger.debug("GPU {}: XID events cannot be watched ({})", gpu.index, exc)
 
+    def xid_errors(self, uuids: Sequence[str]) -> int | None:
+        """XID errors seen so far on the GPUs of ``uuids``, refreshed first (blocks: NVML);
+        None when NVML delivers no XID events for them."""
+        self.refresh()
+        counts = [g.xid_errors for g in self.gpus if g.uuid in uuids]
+        if not counts or any(c is None for c in counts):
+            return None
+        return sum(c for c in counts if c is not None)
+
     def refresh(self) -> None:
         """Re-read the dynamic values of every GPU, and count new XID errors."""
         for gpu in self.gpus:

@@ -27,13 +27,16 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 FATAL_CAUSES = frozenset({"model"})
 
 
-def classify(cause: str, last_lines: Iterable[str], oom_kills: int = 0) -> str:
+def classify(cause: str, last_lines: Iterable[str], oom_kills: int = 0, gpu_errors: int = 0) -> str:
     """``cause``, refined when the run exited or was killed: ``oom`` when the kernel's OOM
-    killer ended one of its processes (``oom_kills``, from its cgroup), else by its last lines."""
+    killer ended one of its processes (``oom_kills``, from its cgroup); ``gpu_error`` when its
+    GPUs raised XID errors during the run (``gpu_errors``, from NVML); else by its last lines."""
     if cause not in ("exit", "signal"):
         return cause
     if oom_kills > 0:
         return "oom"
+    if gpu_errors > 0:
+        return "gpu_error"
     lines = list(last_lines)
     for refined, pattern in PATTERNS:
         if any(pattern.search(line) for line in lines):

@@ -71,9 +71,10 @@ class WorkerRuntime:
 #: Why a run failed, one word each: it could not be spawned; it was not ready within
 #: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
 #: it exited with a non-zero code, or a signal killed it (both refined from its last
-#: lines and its cgroup by ``forensics``: oom, gpu_oom, model, port); citadeld's own bug.
-FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "oom", "gpu_oom", "model",
-                  "port", "internal")
+#: lines, its cgroup and NVML by ``forensics``: oom, gpu_error, gpu_oom, model, port);
+#: citadeld's own bug.
+FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "oom", "gpu_error",
+                  "gpu_oom", "model", "port", "internal")
 
 
 @dataclass
@@ -340,8 +341,23 @@ class Worker:
         cgroup = tree.prepare(self.name) if tree is not None else None
         return spawn(spec.argv, env, spec.cwd, cgroup=cgroup, cpu_affinity=spec.cpu_affinity, run_as=run_as)
 
+    async def _gpu_xids(self) -> int | None:
+        """XID errors on the worker's GPUs so far (None: no GPUs, or NVML delivers no XIDs)."""
+        inventory = self.runtime.gpu_inventory
+        if inventory is None or not self.info.gpu_uuids:
+            return None
+        return await asyncio.to_thread(inventory.xid_errors, self.info.gpu_uuids)
+
+    async def _gpu_errors_since(self, before: int | None) -> int:
+        """XID errors on the worker's GPUs since ``before`` was counted."""
+        if before is None:
+            return 0
+        now = await self._gpu_xids()
+        return 0 if now is None else max(0, now - before)
+
     async def _run_once(self) -> RunOutcome:
         self._spawns += 1
+        xids_at_spawn = await self._gpu_xids()
         try:
             proc = self._spawn()
         except (SpawnError, OSError) as exc:
@@ -398,7 +414,9 @@ class Worker:
         failed = not interrupted and (failure.done() or status.failed())
         if not interrupted and not failure.done():
             reason = status.describe()
-            cause = classify("signal" if status.signal is not None else "exit", self.last_lines, proc.oom_kills)
+            gpu_errors = await self._gpu_errors_since(xids_at_spawn)
+            cause = classify("signal" if status.signal is not None else "exit", self.last_lines,
+                             proc.oom_kills, gpu_errors)
             tail = "".join(f"\n  | {line}" for line in self.last_lines)
             level = "ERROR" if failed else "INFO"
             because = f", cause {cause}" if failed else ""

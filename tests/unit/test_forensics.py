@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from citadel_supervisor.gpu.fake_nvml import FakeNvml
+from citadel_supervisor.gpu.inventory import GpuInventory
 from citadel_supervisor.process.cgroups import oom_kills
 from citadel_supervisor.worker.forensics import classify
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_real_messages_name_their_cause() -> None:
@@ -36,3 +40,18 @@ def test_the_oom_killer_is_read_from_the_workers_cgroup(tmp_path: Path) -> None:
     assert classify("signal", ["Killed"], oom_kills=2) == "oom"
     assert classify("exit", ["CUDA out of memory"], oom_kills=1) == "oom"  # the kernel's word first
     assert classify("liveness", [], oom_kills=1) == "liveness"
+
+
+def test_xid_errors_during_a_run_make_it_a_gpu_error() -> None:
+    """Counted on the worker's own GPUs, by NVML (the FAKE one here), before and after the run."""
+    fake = FakeNvml.from_file(FIXTURES / "fake_host_8gpu.json")
+    inventory = GpuInventory.detect(fake)
+    mine = [inventory.gpus[1].uuid]
+    before = inventory.xid_errors(mine)
+    assert before == 0
+    fake.fake_inject_xid(2, 48)  # another worker's GPU: not this run's business
+    assert inventory.xid_errors(mine) == 0
+    fake.fake_inject_xid(1, 79)  # "GPU has fallen off the bus"
+    assert inventory.xid_errors(mine) == 1
+    assert classify("signal", [], gpu_errors=1) == "gpu_error"
+    assert classify("exit", ["CUDA out of memory"], oom_kills=1, gpu_errors=1) == "oom"

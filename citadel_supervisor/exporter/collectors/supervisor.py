@@ -49,7 +49,7 @@ class SupervisorCollector:
                                        labels=_WORKER)
         failures = CounterMetricFamily("citadel_worker_failures",
                                        "Failed runs of the worker, by cause: spawn, startup, liveness, "
-                                       "stalled, exit, signal, oom, gpu_oom, model, port, internal.", labels=_WORKER + ["cause"])
+                                       "stalled, exit, signal, oom, gpu_error, gpu_oom, model, port, internal.", labels=_WORKER + ["cause"])
         uptime = GaugeMetricFamily("citadel_worker_uptime_seconds",
                                    "Seconds since the worker's process was spawned; 0 when none runs.",
                                    labels=_WORKER)
