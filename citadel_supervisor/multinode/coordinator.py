@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .. import hookimpl
 from ..control.route import Route
+from ..process.spawn import SpawnError, check_port_free
 from ..states import WorkerState
 from ..worker.restart_policy import RestartPolicy
 from .auth import check_answer, check_request, sign_answer, sign_request
@@ -313,6 +314,7 @@ class MultinodePlugin:
         if worker.state != WorkerState.STOPPED:
             worker.stop()
             await worker.wait_for({WorkerState.STOPPED, WorkerState.FATAL})
+        await self._master_port_released(rank)
         if backoff:
             decision = gang.policy.decide(True, uptime, time.monotonic())
             if decision.fatal:
@@ -325,6 +327,21 @@ class MultinodePlugin:
             rank.group_restarts += 1
         rank.group_state = "starting"
         worker.start()
+
+    async def _master_port_released(self, rank: GroupRank) -> None:
+        """Wait, up to ``start_grace``, until no process listens on the master port: a process
+        of the last generation that outlived it (vLLM's own helpers) would make the next one
+        fail to bind it."""
+        deadline = time.monotonic() + rank.config.start_grace
+        while True:
+            try:
+                await asyncio.to_thread(check_port_free, rank.master_addr, rank.config.master_port)
+                return
+            except SpawnError as exc:
+                if time.monotonic() >= deadline:
+                    logger.error("multinode {}: {}; starting the next generation anyway", rank.service, exc)
+                    return
+            await asyncio.sleep(0.5)
 
     # -- a follower ---------------------------------------------------------------
 
