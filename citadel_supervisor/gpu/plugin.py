@@ -86,11 +86,20 @@ class GpuPlugin:
 
     async def gpus_route(self, request: web.Request) -> web.Response:
         """GET /v1/gpus: the inventory, and which worker holds which GPU."""
+        return json_response(await self.answer())
+
+    async def answer(self, fresh: bool = True) -> dict[str, Any]:
+        """What ``GET /v1/gpus`` answers. Read from NVML now when ``fresh``; else through the
+        reader the scrapes share, at most once a second (for the status page, which every
+        open page polls)."""
         inventory = self.detection.inventory
         owners: dict[int, str] = {}
         if inventory is not None:
-            await asyncio.to_thread(inventory.refresh)
+            if fresh or self.reader is None:
+                await asyncio.to_thread(inventory.refresh)
+            else:
+                await asyncio.to_thread(self.reader.read)
             for w in self.workers():
                 if w.proc is not None:
                     owners.update((pid, w.name) for pid in w.proc.members())
-        return json_response(self.detection.to_json(owners, self.assigned()))
+        return self.detection.to_json(owners, self.assigned())
