@@ -252,10 +252,11 @@ class Daemon:
         exporter = Exporter(self.config, self.supervisor, self.plugins, self.events, self.reloads,
                             session, gpus=reader, control_connections=control_connections)
         self.plugins.register_builtin(exporter, "exporter")
-        self.plugins.register_builtin(
-            StatusPage(self.config.exporter, self.supervisor, report=exporter.report, gpus=gpu.answer,
-                       max_connections=lambda: exporter.max_connections),
-            "ui")
+        page = StatusPage(self.config.exporter, self.supervisor, report=exporter.report, gpus=gpu.answer,
+                          max_connections=lambda: exporter.max_connections)
+        self.plugins.register_builtin(page, "ui")
+        # Closed in reverse: the open pages' streams end before the listener waits for them.
+        self._closers += [exporter.close, page.close]
         self.plugins.register_builtin(
             MultinodePlugin(workers=lambda: list(self.supervisor.workers.values()), session=session),
             "multinode")
@@ -312,7 +313,6 @@ class Daemon:
                                     cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory)
             self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
             self.exporter = self._assemble(session, control.limits.max_connections)
-            self._closers.append(self.exporter.close)
             await control.start()
             await self.exporter.start()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):

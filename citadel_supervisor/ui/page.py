@@ -32,7 +32,15 @@ from ..control.route import Route
 from ..control.routes import next_or_gone
 from ..events import WorkerEvent
 from ..waits import within
-from .stream import HEARTBEAT, KEEPALIVE, WRITE_TIMEOUT, EventStream, EventStreams, stream_limit
+from .stream import (
+    END,
+    HEARTBEAT,
+    KEEPALIVE,
+    WRITE_TIMEOUT,
+    EventStream,
+    EventStreams,
+    stream_limit,
+)
 from .views import page_event, page_gpus, page_lines, page_worker, sse_message
 
 if TYPE_CHECKING:
@@ -82,6 +90,7 @@ class StatusPage:
         self.gpus = gpus
         self.max_connections = max_connections
         self.streams = EventStreams()
+        self.stopping = False
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.files = read_static() if self.enabled else {}
 
@@ -114,6 +123,12 @@ class StatusPage:
             worker = self.supervisor.workers.get(event.worker)
             self.streams.publish(sse_message("worker", {
                 "event": shown, "worker": page_worker(worker, self.logs) if worker is not None else None}))
+
+    async def close(self) -> None:
+        """End the open pages' streams (citadeld is stopping): the listener then closes
+        at once, rather than waiting for them."""
+        self.stopping = True
+        self.streams.end_all()
 
     # -- answers --------------------------------------------------------------
 
@@ -170,7 +185,9 @@ class StatusPage:
     async def events_route(self, request: web.Request) -> web.StreamResponse:
         """GET /ui/api/events: a snapshot, then every event, until the page leaves."""
         limit = stream_limit(self.max_connections())
-        stream = self.streams.open(limit)
+        stream = self.streams.open(limit) if not self.stopping else None
+        if self.stopping:
+            return self._json({"error": "citadeld is stopping"}, 503)
         if stream is None:
             response = self._json({"error": f"too many status pages open ({limit}); "
                                             "close one, or try again later"}, 503)
@@ -186,6 +203,8 @@ class StatusPage:
                     message = await within(next_or_gone(request, stream.queue), HEARTBEAT)
                 except TimeoutError:
                     message = KEEPALIVE
+                if message == END:
+                    break
                 if stream.behind:
                     message = self._snapshot(stream)
                 await self._send(resp, message)

@@ -29,6 +29,8 @@ BACKLOG = 256
 WRITE_TIMEOUT = 10.0
 #: The comment a quiet stream sends.
 KEEPALIVE = b": keep-alive\n\n"
+#: Queued to a stream to end it (citadeld is stopping).
+END = b""
 
 
 def stream_limit(max_connections: int) -> int:
@@ -71,6 +73,12 @@ class EventStreams:
     def close(self, stream: EventStream) -> None:
         """Stop feeding ``stream`` and free its slot."""
         self._open.discard(stream)
+
+    def end_all(self) -> None:
+        """End every open stream: each gets ``END`` next, whatever it had queued."""
+        for stream in self._open:
+            stream.catch_up()
+            stream.queue.put_nowait(END)
 
     def publish(self, message: bytes) -> None:
         """Queue ``message`` for every open stream (never blocks)."""
