@@ -3,13 +3,16 @@
 Routes, mounted at the listener's root through ``citadel_exporter_routes``:
 
 - ``/`` and ``/ui/``: the page; ``/ui/static/status.css`` and ``/ui/static/status.js``;
+- ``/ui/api/events``: ``text/event-stream``, all the page reads: a ``snapshot`` (the
+  workers and the recent events), then a ``worker`` message per event (the event and the
+  worker's status after it), ``gpus`` (the GPUs and which workers hold them) every
+  ``HOST_PERIOD`` seconds, ``health`` (the health report) then and soon after events,
+  and a comment when the stream is otherwise quiet;
 - ``/ui/api/status``: the workers, as the page shows them (``views.WORKER_FIELDS``);
-- ``/ui/api/events``: ``text/event-stream``: a ``snapshot`` (the workers and the recent
-  events), then a ``worker`` message per event (the event and the worker's status after
-  it), and a comment every few seconds;
-- ``/ui/api/health``: the health report (200 whatever its status);
-- ``/ui/api/gpus``: the GPUs, their memory and which workers hold them;
 - ``/ui/api/logs/{worker}?n=N``: a worker's last lines; 403 unless ``[exporter] ui_logs``.
+
+The health report and the GPUs are read once for all open pages, and only while one
+is open, so a page costs citadeld its stream's writes and no reads of its own.
 
 Nothing here acts: the control socket is the only place where workers are started,
 stopped or restarted (docs/status-page.md says why). Every answer carries a content
@@ -18,22 +21,22 @@ security policy that lets the page run its own script and nothing else.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from loguru import logger
 
 from .. import __version__, hookimpl
 from ..config import ExporterConfig
 from ..control.responses import json_response
 from ..control.route import Route
-from ..control.routes import next_or_gone
 from ..events import WorkerEvent
-from ..waits import within
+from ..waits import wait_event, within
 from .stream import (
-    END,
     HEARTBEAT,
     KEEPALIVE,
     WRITE_TIMEOUT,
@@ -50,9 +53,13 @@ if TYPE_CHECKING:
 RECENT_EVENTS = 100
 #: Lines of a worker's output the page asks for by default, and at most.
 DEFAULT_LINES, MAX_LINES = 100, 500
+#: Seconds between two reads of the GPUs and the health report while a page is open.
+HOST_PERIOD = 5.0
+#: Seconds after an event before the health report is read again: one read for a burst.
+SETTLE = 0.5
 
 #: Sent with every answer. The policy lets the page load its own script, style and
-#: streams and nothing else: no inline script, no other origin, no frame around it.
+#: stream and nothing else: no inline script, no other origin, no frame around it.
 HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; "
                                 "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
@@ -82,7 +89,7 @@ class StatusPage:
                  max_connections: Callable[[], int]):
         """``report``: the health report now (the exporter's); ``gpus(fresh=False)``: the
         GPU part's answer; ``max_connections``: the exporter's connection cap, of which the
-        streams take at most half (read when it listens)."""
+        streams take at most half (read when a page opens)."""
         self.enabled = config.ui
         self.logs = config.ui_logs
         self.supervisor = supervisor
@@ -93,6 +100,10 @@ class StatusPage:
         self.stopping = False
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.files = read_static() if self.enabled else {}
+        #: The last ``health`` and ``gpus`` messages, for a page that opens.
+        self._host: dict[str, bytes] = {}
+        self._host_task: asyncio.Task[None] | None = None
+        self._soon = asyncio.Event()
 
     # -- hooks ----------------------------------------------------------------
 
@@ -105,10 +116,8 @@ class StatusPage:
         pages = [("/", self.index, "the status page"), ("/ui/", self.index, "the status page"),
                  ("/ui/static/status.css", self.static("status.css"), "the page's style"),
                  ("/ui/static/status.js", self.static("status.js"), "the page's script"),
-                 ("/ui/api/status", self.status_route, "the workers, as the page shows them"),
                  ("/ui/api/events", self.events_route, "the page's live feed (server-sent events)"),
-                 ("/ui/api/health", self.health_route, "the health report"),
-                 ("/ui/api/gpus", self.gpus_route, "the GPUs and which workers hold them"),
+                 ("/ui/api/status", self.status_route, "the workers, as the page shows them"),
                  ("/ui/api/logs/{name}", self.logs_route, "a worker's last lines (with ui_logs)")]
         return [Route("GET", path, handler, summary, at_root=True) for path, handler, summary in pages]
 
@@ -123,12 +132,46 @@ class StatusPage:
             worker = self.supervisor.workers.get(event.worker)
             self.streams.publish(sse_message("worker", {
                 "event": shown, "worker": page_worker(worker, self.logs) if worker is not None else None}))
+            self._soon.set()
 
     async def close(self) -> None:
         """End the open pages' streams (citadeld is stopping): the listener then closes
         at once, rather than waiting for them."""
         self.stopping = True
         self.streams.end_all()
+        if self._host_task is not None:
+            self._host_task.cancel()
+
+    # -- the host: health and GPUs, read once for every open page -----------------
+
+    async def _follow_host(self) -> None:
+        """While a page is open: read the GPUs every ``HOST_PERIOD`` seconds, and the health
+        report then and ``SETTLE`` seconds after events; send each when it changed."""
+        loop = asyncio.get_running_loop()
+        gpus_due = 0.0
+        while len(self.streams):
+            try:
+                if loop.time() >= gpus_due:
+                    gpus_due = loop.time() + HOST_PERIOD
+                    self._publish_host("gpus", page_gpus(await self.gpus(fresh=False)))
+                self._publish_host("health", self.report())
+            except Exception as exc:  # noqa: BLE001 - the pages keep their feed whatever one read does
+                logger.opt(exception=exc).warning("status page: cannot read the health report or "
+                                                  "the GPUs: {}", exc)
+            self._soon.clear()
+            if await wait_event(self._soon, max(0.0, gpus_due - loop.time())):
+                await asyncio.sleep(SETTLE)
+
+    def _publish_host(self, kind: str, data: Any) -> None:
+        message = sse_message(kind, data)
+        if message != self._host.get(kind):
+            self._host[kind] = message
+            self.streams.publish(message)
+
+    def _watch_host(self) -> None:
+        if self._host_task is None or self._host_task.done():
+            self._host_task = asyncio.get_running_loop().create_task(self._follow_host(),
+                                                                     name="status-page-host")
 
     # -- answers --------------------------------------------------------------
 
@@ -158,14 +201,6 @@ class StatusPage:
         """GET /ui/api/status."""
         return self._json(self.status())
 
-    async def health_route(self, request: web.Request) -> web.Response:
-        """GET /ui/api/health: the report, 200 whatever its status (the page shows it)."""
-        return self._json(self.report())
-
-    async def gpus_route(self, request: web.Request) -> web.Response:
-        """GET /ui/api/gpus: read from NVML at most once a second, however many pages ask."""
-        return self._json(page_gpus(await self.gpus(fresh=False)))
-
     async def logs_route(self, request: web.Request) -> web.Response:
         """GET /ui/api/logs/{name}?n=N: the worker's last ``n`` lines (at most ``MAX_LINES``)."""
         name = request.match_info["name"]
@@ -179,35 +214,35 @@ class StatusPage:
         raw = request.query.get("n", str(DEFAULT_LINES))
         if not raw.isdigit():
             return self._json({"error": f"n must be a whole number of lines, not {raw!r}"}, 400)
-        n = min(int(raw), MAX_LINES)
-        return self._json({"worker": name, "lines": page_lines(worker.output.recent(n))})
+        return self._json({"worker": name, "lines": page_lines(worker.output.recent(min(int(raw), MAX_LINES)))})
 
     async def events_route(self, request: web.Request) -> web.StreamResponse:
-        """GET /ui/api/events: a snapshot, then every event, until the page leaves."""
-        limit = stream_limit(self.max_connections())
-        stream = self.streams.open(limit) if not self.stopping else None
+        """GET /ui/api/events: a snapshot, then every event, until the page leaves.
+
+        A page that left is noticed at the next write, a comment at the latest (every
+        ``HEARTBEAT`` seconds): its slot is free again within that.
+        """
         if self.stopping:
             return self._json({"error": "citadeld is stopping"}, 503)
+        limit = stream_limit(self.max_connections())
+        stream = self.streams.open(limit)
         if stream is None:
             response = self._json({"error": f"too many status pages open ({limit}); "
                                             "close one, or try again later"}, 503)
             response.headers["Retry-After"] = "10"
             return response
+        self._watch_host()
+        resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream",
+                                           "X-Accel-Buffering": "no"})
         try:
-            resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream",
-                                               "X-Accel-Buffering": "no"})
             await resp.prepare(request)
-            await self._send(resp, b"retry: 3000\n\n" + self._snapshot(stream))
+            await self._send(request, resp, b"retry: 3000\n\n" + self._snapshot(stream))
             while True:
-                try:
-                    message = await within(next_or_gone(request, stream.queue), HEARTBEAT)
-                except TimeoutError:
-                    message = KEEPALIVE
-                if message == END:
+                await stream.wait(HEARTBEAT)
+                if stream.ended:
                     break
-                if stream.behind:
-                    message = self._snapshot(stream)
-                await self._send(resp, message)
+                message = self._snapshot(stream) if stream.behind else stream.take()
+                await self._send(request, resp, message or KEEPALIVE)
         except (ConnectionResetError, TimeoutError):
             pass  # the page left, or stopped reading
         finally:
@@ -215,8 +250,18 @@ class StatusPage:
         return resp
 
     def _snapshot(self, stream: EventStream) -> bytes:
+        """The snapshot, then the last health and GPU messages (the queue's are dropped)."""
         stream.catch_up()
-        return sse_message("snapshot", {**self.status(), "events": list(self.recent)})
+        return (sse_message("snapshot", {**self.status(), "events": list(self.recent)})
+                + b"".join(self._host.values()))
 
-    async def _send(self, resp: web.StreamResponse, message: bytes) -> None:
-        await within(resp.write(message), WRITE_TIMEOUT)
+    async def _send(self, request: web.Request, resp: web.StreamResponse, message: bytes) -> None:
+        """Write ``message``; ``ConnectionResetError`` if the page left, ``TimeoutError`` if it
+        stopped reading (a write waits only while the connection's buffer is full)."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the page left")
+        if transport.get_write_buffer_size():
+            await within(resp.write(message), WRITE_TIMEOUT)
+        else:
+            await resp.write(message)

@@ -1,12 +1,12 @@
 """The status page's live feed: server-sent events to every open page, each message encoded once.
 
 The page part hears every worker event (``citadel_worker_event``), encodes it once
-and hands the same bytes to every open stream's queue (``EventStreams.publish``); each
-stream's handler writes what its queue holds. So an event costs one encoding whatever
-the number of open pages, and an open page with nothing to report costs a check every
-``GONE_CHECK_PERIOD`` that its caller is still there and a comment every ``HEARTBEAT``
-seconds (well within the exporter's idle timeout, and so that a proxy in between keeps
-the connection).
+and hands the same bytes to every open stream's queue (``EventStreams.publish``); so
+do its reads of the health report and the GPUs. Each stream's handler writes what its
+queue holds. An event costs one encoding whatever the number of open pages, and a page
+with nothing to hear costs a comment every ``HEARTBEAT`` seconds: well within the
+exporter's idle timeout, for a proxy in between, and so that a page that left is
+noticed (the write fails) and its slot freed.
 
 Streams are capped (``stream_limit``: at most half the exporter's connections, so
 Prometheus and load balancers always find a slot); one more is answered 503. A stream
@@ -24,13 +24,11 @@ MAX_STREAMS = 32
 HEARTBEAT = 2.5
 #: Messages a stream may have waiting before it is marked behind.
 BACKLOG = 256
-#: Seconds a page has to take one message before its stream is closed (a page that reads
-#: nothing must not hold a slot for ever).
+#: Seconds a page has to take a write that waits for it (the connection's buffer is
+#: full) before its stream is closed: a page that reads nothing must not hold a slot.
 WRITE_TIMEOUT = 10.0
 #: The comment a quiet stream sends.
 KEEPALIVE = b": keep-alive\n\n"
-#: Queued to a stream to end it (citadeld is stopping).
-END = b""
 
 
 def stream_limit(max_connections: int) -> int:
@@ -39,17 +37,62 @@ def stream_limit(max_connections: int) -> int:
 
 
 class EventStream:
-    """One open page's queue of messages."""
+    """One open page's messages waiting to be written, and a way to wait for them.
+
+    Cheaper than an ``asyncio.Queue`` read under a timeout (a task per wait): a wait is
+    one future and one timer, and the messages that came meanwhile go out in one write.
+    """
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(BACKLOG)
+        self.pending: list[bytes] = []
         #: Messages were lost: the page needs a snapshot before anything else.
         self.behind = False
+        #: citadeld is stopping: the stream ends.
+        self.ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, message: bytes) -> None:
+        """Queue ``message``; past ``BACKLOG`` of them, drop them all and mark the stream behind."""
+        if self.behind or self.ended:
+            return
+        if len(self.pending) >= BACKLOG:
+            self.pending.clear()
+            self.behind = True
+        else:
+            self.pending.append(message)
+        self._wake()
+
+    def end(self) -> None:
+        """End the stream: its handler stops at its next wake-up."""
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until there is something to do (a message, behind, ended), or ``timeout`` seconds."""
+        if self.pending or self.behind or self.ended:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def take(self) -> bytes:
+        """Every pending message, in order, as one write."""
+        data = b"".join(self.pending)
+        self.pending.clear()
+        return data
 
     def catch_up(self) -> None:
-        """Forget what is queued (a snapshot replaces it) and clear ``behind``."""
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        """Forget what is pending (a snapshot replaces it) and clear ``behind``."""
+        self.pending.clear()
         self.behind = False
 
 
@@ -75,17 +118,11 @@ class EventStreams:
         self._open.discard(stream)
 
     def end_all(self) -> None:
-        """End every open stream: each gets ``END`` next, whatever it had queued."""
+        """End every open stream (citadeld is stopping)."""
         for stream in self._open:
-            stream.catch_up()
-            stream.queue.put_nowait(END)
+            stream.end()
 
     def publish(self, message: bytes) -> None:
         """Queue ``message`` for every open stream (never blocks)."""
         for stream in self._open:
-            if stream.behind:
-                continue
-            try:
-                stream.queue.put_nowait(message)
-            except asyncio.QueueFull:
-                stream.behind = True
+            stream.put(message)

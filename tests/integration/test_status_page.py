@@ -180,7 +180,7 @@ def fetch_all(port: int, paths: list[str]) -> dict[str, tuple[int, dict[str, str
 
 
 UI_PATHS = ["/", "/ui/", "/ui/static/status.js", "/ui/static/status.css", "/ui/api/status",
-            "/ui/api/health", "/ui/api/gpus", "/ui/api/logs/leaky"]
+            "/ui/api/logs/leaky"]
 
 
 def test_worker_output_and_secrets_stay_off_the_network_by_default(daemon_factory: Any) -> None:
@@ -204,10 +204,12 @@ def test_worker_output_and_secrets_stay_off_the_network_by_default(daemon_factor
     (worker,) = json.loads(answers["/ui/api/status"][2])["workers"]
     assert (worker["state"], worker["last_exit_reason"]) == ("stopped", "exit code 3")
     assert "last_lines" not in worker
-    # The stream's snapshot holds the exit event, without the output it carried.
-    snapshot = asyncio.run(read_stream(port, lambda messages: messages[:1]))[0]
-    assert secret not in json.dumps(snapshot) and "marker-line" not in json.dumps(snapshot)
-    assert any(e["kind"] == "exit" and e["detail"]["reason"] == "exit code 3" for e in snapshot["data"]["events"])
+    # The stream's snapshot holds the exit event, without the output it carried; nor do the
+    # health report and the GPUs hold either.
+    messages = asyncio.run(read_stream(port, lambda m: m if {"health", "gpus"} <= kinds(m) else None))
+    assert secret not in json.dumps(messages) and "marker-line" not in json.dumps(messages)
+    assert any(e["kind"] == "exit" and e["detail"]["reason"] == "exit code 3"
+               for e in messages[0]["data"]["events"])
     assert answers["/"][2] == answers["/ui/"][2] and answers["/"][1]["Content-Type"].startswith("text/html")
 
 
@@ -243,7 +245,7 @@ async def read_stream(port: int, until: Any, timeout: float = 20) -> list[dict[s
     """Read ``/ui/api/events`` until ``until(messages)`` returns something; that. Each message
     is ``{"event": kind, "data": ...}``, or ``{"comment": text}``."""
     messages: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession() as session, session.get(
+    async with aiohttp.ClientSession(read_bufsize=2**22) as session, session.get(
             f"http://127.0.0.1:{port}/ui/api/events", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
         block: list[str] = []
@@ -262,6 +264,11 @@ async def read_stream(port: int, until: Any, timeout: float = 20) -> list[dict[s
             if done:
                 return done
     raise AssertionError(f"the stream ended; read {messages}")
+
+
+def kinds(messages: list[dict[str, Any]]) -> set[str]:
+    """The kinds of event among ``messages``."""
+    return {m["event"] for m in messages if "event" in m}
 
 
 def exporter_cap(d: RunningDaemon) -> int:
@@ -294,6 +301,12 @@ def test_the_stream_sends_a_snapshot_events_and_heartbeats(daemon_factory: Any) 
     messages = asyncio.run(scenario())
     snapshot = messages[0]["data"]
     assert [w["name"] for w in snapshot["workers"]] == ["one"] and snapshot["logs"] is False
+    # The health report and the GPUs come right after the snapshot, read for every page at once.
+    assert {m.get("event") for m in messages[1:3]} == {"health", "gpus"}
+    health = next(m["data"] for m in messages if m.get("event") == "health")
+    assert "one:ready" in health["checks"]
+    gpus = next(m["data"] for m in messages if m.get("event") == "gpus")
+    assert gpus["available"] is False and gpus["reason"]
     assert {e["kind"] for e in snapshot["events"]} >= {"state", "ready"}
     states = [m["data"]["event"]["state"] for m in messages if m.get("event") == "worker"]
     assert states[-1] == "stopped" and "stopping" in states

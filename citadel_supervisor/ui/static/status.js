@@ -7,13 +7,11 @@
 
 (() => {
   const EVENTS_KEPT = 100;
-  const POLL_MS = 10000;       // health and GPUs, while the page is visible
   const RETRY_MS = 5000;       // after the stream was refused (too many pages) or broke
 
   const workers = new Map();   // name -> {data, at}: the status, and when it came
   let logsShown = false;
   let selected = null;
-  let healthTimer = null;
 
   const byId = (id) => document.getElementById(id);
 
@@ -154,6 +152,14 @@
     }
   }
 
+  async function getJSON(path) {
+    const response = await fetch(path, {cache: "no-store"});
+    let body = null;
+    try { body = await response.json(); } catch (_) { body = null; }
+    if (!response.ok) throw new Error(body && body.error ? body.error : `HTTP ${response.status}`);
+    return body;
+  }
+
   async function refreshLogs() {
     const name = selected;
     const note = byId("log-note");
@@ -232,7 +238,6 @@
     addEvents(snapshot.events || [], true);
     renderWorkers();
     if (selected !== null) refreshLogs();
-    scheduleHealth();
   }
 
   function applyEvent(message) {
@@ -241,7 +246,6 @@
     renderWorkers();
     addEvents([event], false);
     if (event.worker === selected && event.kind === "exit") refreshLogs();
-    scheduleHealth();
   }
 
   function connect() {
@@ -252,6 +256,8 @@
       setConnection("live", "live");
     });
     source.addEventListener("worker", (m) => applyEvent(JSON.parse(m.data)));
+    source.addEventListener("health", (m) => showHealth(JSON.parse(m.data)));
+    source.addEventListener("gpus", (m) => showGpus(JSON.parse(m.data)));
     source.addEventListener("error", () => {
       if (source.readyState === EventSource.CLOSED) {
         // Refused (503: too many pages open) or not a stream: the browser gives up; retry.
@@ -264,15 +270,7 @@
     });
   }
 
-  // -- health and GPUs (polled) ------------------------------------------------
-
-  async function getJSON(path) {
-    const response = await fetch(path, {cache: "no-store"});
-    let body = null;
-    try { body = await response.json(); } catch (_) { body = null; }
-    if (!response.ok) throw new Error(body && body.error ? body.error : `HTTP ${response.status}`);
-    return body;
-  }
+  // -- health and GPUs (sent on the stream, read once for every page) ------------
 
   const RANK = {fail: 0, warn: 1, pass: 2};
 
@@ -288,96 +286,73 @@
     return item;
   }
 
-  async function refreshHealth() {
+  function showHealth(report) {
     const note = byId("health-note");
     const badge = byId("health-badge");
-    try {
-      const report = await getJSON("/ui/api/health");
-      badge.dataset.status = report.status;
-      badge.textContent = `health ${report.status}`;
-      const checks = [];
-      for (const [key, results] of Object.entries(report.checks || {})) {
-        for (const result of results) checks.push({key, ...result});
-      }
-      checks.sort((a, b) => (RANK[a.status] ?? 3) - (RANK[b.status] ?? 3) ||
-                            a.key.localeCompare(b.key));
-      // The checks that warn or fail first, each on its own; the passing ones folded.
-      const list = byId("health-checks");
-      const passing = checks.filter((check) => check.status === "pass");
-      list.replaceChildren();
-      for (const check of checks.filter((c) => c.status !== "pass")) list.appendChild(checkItem(check));
-      if (passing.length) {
-        const folded = make("details");
-        folded.appendChild(make("summary", null, `${passing.length} passing`));
-        const inner = make("ul");
-        for (const check of passing) inner.appendChild(checkItem(check));
-        folded.appendChild(inner);
-        const item = make("li", "folded");
-        item.appendChild(folded);
-        list.appendChild(item);
-      }
-      note.textContent = `${checks.length} checks, as of ${new Date().toLocaleTimeString()}`;
-    } catch (error) {
-      badge.dataset.status = "unknown";
-      badge.textContent = "health ?";
-      note.textContent = `cannot read the health report: ${error.message}`;
+    badge.dataset.status = report.status;
+    badge.textContent = `health ${report.status}`;
+    const checks = [];
+    for (const [key, results] of Object.entries(report.checks || {})) {
+      for (const result of results) checks.push({key, ...result});
     }
+    checks.sort((a, b) => (RANK[a.status] ?? 3) - (RANK[b.status] ?? 3) ||
+                          a.key.localeCompare(b.key));
+    // The checks that warn or fail first, each on its own; the passing ones folded.
+    const list = byId("health-checks");
+    const passing = checks.filter((check) => check.status === "pass");
+    list.replaceChildren();
+    for (const check of checks.filter((c) => c.status !== "pass")) list.appendChild(checkItem(check));
+    if (passing.length) {
+      const folded = make("details");
+      folded.appendChild(make("summary", null, `${passing.length} passing`));
+      const inner = make("ul");
+      for (const check of passing) inner.appendChild(checkItem(check));
+      folded.appendChild(inner);
+      const item = make("li", "folded");
+      item.appendChild(folded);
+      list.appendChild(item);
+    }
+    note.textContent = `${checks.length} checks, as of ${new Date().toLocaleTimeString()}`;
   }
 
-  function scheduleHealth() {
-    clearTimeout(healthTimer);
-    healthTimer = setTimeout(refreshHealth, 500);  // one read for a burst of events
-  }
-
-  async function refreshGpus() {
+  function showGpus(answer) {
     const note = byId("gpus-note");
     const table = byId("gpus");
-    try {
-      const answer = await getJSON("/ui/api/gpus");
-      if (!answer.available) {
-        table.hidden = true;
-        note.textContent = `no GPUs: ${dash(answer.reason)}`;
-        return;
-      }
-      const tbody = table.querySelector("tbody");
-      tbody.replaceChildren();
-      for (const gpu of answer.gpus) {
-        const row = make("tr");
-        row.dataset.gpu = gpu.index;
-        row.appendChild(make("td", "num", gpu.index));
-        row.appendChild(make("td", null, gpu.name));
-        const memory = gpu.memory || {};
-        const cell = make("td", "memory");
-        const bar = make("span", "bar");
-        const fill = make("span", "fill");
-        const share = memory.total ? Math.min(1, (memory.used || 0) / memory.total) : 0;
-        fill.style.width = `${(share * 100).toFixed(1)}%`;
-        bar.appendChild(fill);
-        cell.appendChild(bar);
-        cell.appendChild(make("span", null, `${gib(memory.used)} / ${gib(memory.total)} GiB`));
-        row.appendChild(cell);
-        row.appendChild(make("td", "num", gpu.utilization_percent === null ?
-          "\u2013" : `${gpu.utilization_percent}%`));
-        row.appendChild(make("td", "num", gpu.temperature_c === null ?
-          "\u2013" : `${gpu.temperature_c}\u00b0C`));
-        const names = new Set([...(gpu.workers || []), ...(gpu.holders || [])]);
-        let holders = names.size ? Array.from(names).sort().join(", ") : "\u2013";
-        if (gpu.other_processes) holders += ` (+${gpu.other_processes} other processes)`;
-        row.appendChild(make("td", null, holders));
-        tbody.appendChild(row);
-      }
-      table.hidden = false;
-      note.textContent = (answer.fake ? "FAKE GPUs (CITADEL_FAKE_NVML); " : "") +
-        `driver ${dash(answer.driver_version)}, as of ${new Date().toLocaleTimeString()}`;
-    } catch (error) {
-      note.textContent = `cannot read the GPUs: ${error.message}`;
+    if (!answer.available) {
+      table.hidden = true;
+      note.textContent = `no GPUs: ${dash(answer.reason)}`;
+      return;
     }
-  }
-
-  function poll() {
-    if (document.hidden) return;
-    refreshHealth();
-    refreshGpus();
+    const tbody = table.querySelector("tbody");
+    tbody.replaceChildren();
+    for (const gpu of answer.gpus) {
+      const row = make("tr");
+      row.dataset.gpu = gpu.index;
+      row.appendChild(make("td", "num", gpu.index));
+      row.appendChild(make("td", null, gpu.name));
+      const memory = gpu.memory || {};
+      const cell = make("td", "memory");
+      const bar = make("span", "bar");
+      const fill = make("span", "fill");
+      const share = memory.total ? Math.min(1, (memory.used || 0) / memory.total) : 0;
+      fill.style.width = `${(share * 100).toFixed(1)}%`;
+      bar.appendChild(fill);
+      cell.appendChild(bar);
+      cell.appendChild(make("span", null, `${gib(memory.used)} / ${gib(memory.total)} GiB`));
+      row.appendChild(cell);
+      row.appendChild(make("td", "num", gpu.utilization_percent === null ?
+        "\u2013" : `${gpu.utilization_percent}%`));
+      row.appendChild(make("td", "num", gpu.temperature_c === null ?
+        "\u2013" : `${gpu.temperature_c}\u00b0C`));
+      const names = new Set([...(gpu.workers || []), ...(gpu.holders || [])]);
+      let holders = names.size ? Array.from(names).sort().join(", ") : "\u2013";
+      if (gpu.other_processes) holders += ` (+${gpu.other_processes} other processes)`;
+      row.appendChild(make("td", null, holders));
+      tbody.appendChild(row);
+    }
+    table.hidden = false;
+    note.textContent = (answer.fake ? "FAKE GPUs (CITADEL_FAKE_NVML); " : "") +
+      `driver ${dash(answer.driver_version)}, as of ${new Date().toLocaleTimeString()}`;
   }
 
   // -- start -------------------------------------------------------------------
@@ -388,9 +363,6 @@
     byId("detail").hidden = true;
     renderWorkers();
   });
-  document.addEventListener("visibilitychange", poll);
   setInterval(tickUptimes, 1000);
-  setInterval(poll, POLL_MS);
   connect();
-  poll();
 })();

@@ -14,7 +14,13 @@ from citadel_supervisor.control.route import Route, accept_plugin_routes
 from citadel_supervisor.events import WorkerEvent
 from citadel_supervisor.process.tree import ExitStatus
 from citadel_supervisor.ui.page import STATIC, read_static
-from citadel_supervisor.ui.stream import BACKLOG, MAX_STREAMS, EventStreams, stream_limit
+from citadel_supervisor.ui.stream import (
+    BACKLOG,
+    MAX_STREAMS,
+    EventStream,
+    EventStreams,
+    stream_limit,
+)
 from citadel_supervisor.ui.views import (
     MAX_LINE,
     page_event,
@@ -104,13 +110,42 @@ def test_streams_are_capped_and_a_slow_one_is_marked_behind() -> None:
         assert streams.open(2) is None
         streams.close(second)
         assert len(streams) == 1
+        streams.publish(b"a")
+        streams.publish(b"b")
+        assert first.take() == b"ab" and first.take() == b""
         for i in range(BACKLOG + 1):
             streams.publish(f"{i}".encode())
-        assert first.behind and first.queue.qsize() == BACKLOG
+        assert first.behind and first.pending == []
+        streams.publish(b"lost")  # a stream behind needs a snapshot, not more messages
+        assert first.pending == []
         first.catch_up()
-        assert not first.behind and first.queue.empty()
+        assert not first.behind
         streams.publish(b"next")
-        assert first.queue.get_nowait() == b"next"
+        assert first.take() == b"next"
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_waits_for_a_message_its_end_or_the_heartbeat() -> None:
+    async def scenario() -> None:
+        stream = EventStream()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await stream.wait(0.05)  # nothing came: the heartbeat's turn
+        assert loop.time() - started >= 0.05 and stream.take() == b""
+        waiting = asyncio.ensure_future(stream.wait(60))
+        await asyncio.sleep(0)
+        stream.put(b"news")
+        await asyncio.wait_for(waiting, 5)
+        assert stream.take() == b"news"
+        waiting = asyncio.ensure_future(stream.wait(60))
+        await asyncio.sleep(0)
+        stream.end()
+        await asyncio.wait_for(waiting, 5)
+        assert stream.ended
+        stream.put(b"after the end")
+        assert stream.pending == []
+        await asyncio.wait_for(stream.wait(60), 5)  # an ended stream never waits
 
     asyncio.run(scenario())
 
