@@ -22,6 +22,7 @@ import pytest
 from chromium import Chromium, Page
 from conftest import RunningDaemon, free_port, wait_until
 
+from citadel_supervisor.ui.page import HOST_PERIOD
 from citadel_supervisor.ui.stream import HEARTBEAT, MAX_STREAMS, stream_limit
 
 #: What the page's script must never do with what a worker printed: run it.
@@ -31,6 +32,7 @@ for (const name of ["alert", "confirm", "prompt"]) {
   window[name] = (message) => { window.__dialogs.push(`${name}: ${message}`); };
 }
 """
+FAKE_HOST = Path(__file__).parents[1] / "fixtures" / "fake_host_8gpu.json"
 SLEEPER = '["python3", "-c", "import time; time.sleep(3600)"]'
 #: Prints HTML and terminal escapes, then sleeps.
 HOSTILE = ('["python3", "-u", "-c", "print(\'<script>alert(1)</script><img src=x onerror=alert(2)> '
@@ -159,6 +161,41 @@ def test_what_a_worker_prints_shows_as_text(daemon_factory: Any, browser: Chromi
     assert page.evaluate("document.getElementById('log-lines').childElementCount") == 0
     assert page.evaluate("document.querySelectorAll('img').length") == 0
     assert page.evaluate("document.querySelectorAll('script').length") == 1
+    no_errors(page)
+
+
+def test_the_page_shows_the_gpus_and_who_holds_them(daemon_factory: Any, browser: Chromium,
+                                                    tmp_path: Path) -> None:
+    host = tmp_path / "host.json"
+    host.write_text(FAKE_HOST.read_text())
+    port = free_port()
+    d = daemon_factory(exporter_config(port) + f"""
+        [services.holder]
+        type = "command"
+        command = {SLEEPER}
+        gpus = [1]
+        """, env={"CITADEL_FAKE_NVML": str(host)})
+    pid = d.wait_state("holder", "running")["pid"]
+    page = open_page(browser, port)
+    # The worker's process takes 4 GiB of GPU 1, and some of GPU 2 (not its own); a process
+    # that is no worker's holds GPU 3. The fake NVML reads its file again when it changes.
+    data = json.loads(host.read_text())
+    data["gpus"][1].update(memory_used_mib=4096, processes=[{"pid": pid, "used_mib": 4096}])
+    data["gpus"][2].update(memory_used_mib=1024, processes=[{"pid": pid, "used_mib": 1024}])
+    data["gpus"][3].update(memory_used_mib=2048, processes=[{"pid": 999999, "used_mib": 2048}])
+    host.write_text(json.dumps(data))
+
+    def gpu_rows() -> dict[str, list[str]]:
+        return page.evaluate("""Object.fromEntries(Array.from(document.querySelectorAll('#gpus tbody tr'),
+            (row) => [row.dataset.gpu, Array.from(row.cells, (cell) => cell.textContent)]))""")
+
+    rows_now = wait_until(lambda: when(gpu_rows(), lambda r: len(r) == 8 and "4.0 / 79.6 GiB" in r["1"][2]),
+                          10 + HOST_PERIOD, "GPU 1's memory on the page")
+    assert rows_now["1"][1] == "NVIDIA H100 80GB HBM3 (FAKE)" and rows_now["1"][5] == "holder"
+    assert rows_now["2"][5] == "holder" and rows_now["0"][5] == "\u2013"
+    assert rows_now["3"][5] == "\u2013 (+1 other processes)"
+    assert "FAKE GPUs" in page.evaluate("document.getElementById('gpus-note').textContent")
+    assert rows(page)["holder"]["gpus"] == "1"
     no_errors(page)
 
 
