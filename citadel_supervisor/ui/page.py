@@ -37,6 +37,8 @@ from ..control.route import Route
 from ..events import WorkerEvent
 from ..waits import wait_event, within
 from .stream import (
+    BATCH,
+    GONE_CHECK,
     HEARTBEAT,
     KEEPALIVE,
     WRITE_TIMEOUT,
@@ -102,7 +104,7 @@ class StatusPage:
         self.files = read_static() if self.enabled else {}
         #: The last ``health`` and ``gpus`` messages, for a page that opens.
         self._host: dict[str, bytes] = {}
-        self._host_task: asyncio.Task[None] | None = None
+        self._tend_task: asyncio.Task[None] | None = None
         self._soon = asyncio.Event()
 
     # -- hooks ----------------------------------------------------------------
@@ -139,28 +141,35 @@ class StatusPage:
         at once, rather than waiting for them."""
         self.stopping = True
         self.streams.end_all()
-        if self._host_task is not None:
-            self._host_task.cancel()
+        if self._tend_task is not None:
+            self._tend_task.cancel()
 
-    # -- the host: health and GPUs, read once for every open page -----------------
+    # -- what is done once for every open page -------------------------------------
 
-    async def _follow_host(self) -> None:
-        """While a page is open: read the GPUs every ``HOST_PERIOD`` seconds, and the health
-        report then and ``SETTLE`` seconds after events; send each when it changed."""
+    async def _tend(self) -> None:
+        """While a page is open: end the streams of pages that left (every ``GONE_CHECK``
+        seconds); read the GPUs every ``HOST_PERIOD`` seconds, and the health report then
+        and ``SETTLE`` seconds after events; send each when it changed."""
         loop = asyncio.get_running_loop()
-        gpus_due = 0.0
+        gpus_due = health_due = 0.0
         while len(self.streams):
+            self.streams.end_gone()
             try:
                 if loop.time() >= gpus_due:
                     gpus_due = loop.time() + HOST_PERIOD
                     self._publish_host("gpus", page_gpus(await self.gpus(fresh=False)))
-                self._publish_host("health", self.report())
+                    health_due = 0.0
+                if loop.time() >= health_due:
+                    health_due = gpus_due
+                    self._publish_host("health", self.report())
             except Exception as exc:  # noqa: BLE001 - the pages keep their feed whatever one read does
                 logger.opt(exception=exc).warning("status page: cannot read the health report or "
                                                   "the GPUs: {}", exc)
-            self._soon.clear()
-            if await wait_event(self._soon, max(0.0, gpus_due - loop.time())):
-                await asyncio.sleep(SETTLE)
+            if self._soon.is_set():  # events came: the health report again, once they settled
+                self._soon.clear()
+                health_due = min(health_due, loop.time() + SETTLE)
+            await wait_event(self._soon, max(0.0, min(GONE_CHECK, gpus_due - loop.time(),
+                                                      health_due - loop.time())))
 
     def _publish_host(self, kind: str, data: Any) -> None:
         message = sse_message(kind, data)
@@ -168,10 +177,9 @@ class StatusPage:
             self._host[kind] = message
             self.streams.publish(message)
 
-    def _watch_host(self) -> None:
-        if self._host_task is None or self._host_task.done():
-            self._host_task = asyncio.get_running_loop().create_task(self._follow_host(),
-                                                                     name="status-page-host")
+    def _start_tending(self) -> None:
+        if self._tend_task is None or self._tend_task.done():
+            self._tend_task = asyncio.get_running_loop().create_task(self._tend(), name="status-page")
 
     # -- answers --------------------------------------------------------------
 
@@ -219,19 +227,19 @@ class StatusPage:
     async def events_route(self, request: web.Request) -> web.StreamResponse:
         """GET /ui/api/events: a snapshot, then every event, until the page leaves.
 
-        A page that left is noticed at the next write, a comment at the latest (every
-        ``HEARTBEAT`` seconds): its slot is free again within that.
+        A page that left is noticed within ``GONE_CHECK`` seconds (``_tend``), or at the
+        next write: its slot is free again.
         """
         if self.stopping:
             return self._json({"error": "citadeld is stopping"}, 503)
         limit = stream_limit(self.max_connections())
-        stream = self.streams.open(limit)
+        stream = self.streams.open(limit, request.transport)
         if stream is None:
             response = self._json({"error": f"too many status pages open ({limit}); "
                                             "close one, or try again later"}, 503)
             response.headers["Retry-After"] = "10"
             return response
-        self._watch_host()
+        self._start_tending()
         resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream",
                                            "X-Accel-Buffering": "no"})
         try:
@@ -239,6 +247,8 @@ class StatusPage:
             await self._send(request, resp, b"retry: 3000\n\n" + self._snapshot(stream))
             while True:
                 await stream.wait(HEARTBEAT)
+                if stream.pending and not stream.ended:
+                    await asyncio.sleep(BATCH)  # the rest of a burst of events, in the same write
                 if stream.ended:
                     break
                 message = self._snapshot(stream) if stream.behind else stream.take()

@@ -3,10 +3,11 @@
 The page part hears every worker event (``citadel_worker_event``), encodes it once
 and hands the same bytes to every open stream's queue (``EventStreams.publish``); so
 do its reads of the health report and the GPUs. Each stream's handler writes what its
-queue holds. An event costs one encoding whatever the number of open pages, and a page
-with nothing to hear costs a comment every ``HEARTBEAT`` seconds: well within the
-exporter's idle timeout, for a proxy in between, and so that a page that left is
-noticed (the write fails) and its slot freed.
+queue holds, what came within ``BATCH`` seconds in one write. An event costs one
+encoding whatever the number of open pages, and a page with nothing to hear costs a
+comment every ``HEARTBEAT`` seconds (well within the exporter's idle timeout, and for a
+proxy in between). A page that left is noticed within ``GONE_CHECK`` seconds by one look
+at every stream's connection (``EventStreams.end_gone``), and its slot freed.
 
 Streams are capped (``stream_limit``: at most half the exporter's connections, so
 Prometheus and load balancers always find a slot); one more is answered 503. A stream
@@ -22,6 +23,11 @@ import asyncio
 MAX_STREAMS = 32
 #: Seconds between comments on a quiet stream.
 HEARTBEAT = 2.5
+#: Seconds a stream gathers what comes after a message before it writes: a worker's
+#: burst of events (exit, restart, starting, running, ready) goes out in one write.
+BATCH = 0.1
+#: Seconds between two looks, for every open stream at once, at whether its page left.
+GONE_CHECK = 0.5
 #: Messages a stream may have waiting before it is marked behind.
 BACKLOG = 256
 #: Seconds a page has to take a write that waits for it (the connection's buffer is
@@ -43,7 +49,9 @@ class EventStream:
     one future and one timer, and the messages that came meanwhile go out in one write.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, transport: asyncio.BaseTransport | None = None) -> None:
+        #: The page's connection, to tell when it is gone.
+        self.transport = transport
         self.pending: list[bytes] = []
         #: Messages were lost: the page needs a snapshot before anything else.
         self.behind = False
@@ -66,6 +74,10 @@ class EventStream:
         """End the stream: its handler stops at its next wake-up."""
         self.ended = True
         self._wake()
+
+    def gone(self) -> bool:
+        """True once the page's connection is closed or closing."""
+        return self.transport is None or self.transport.is_closing()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -105,11 +117,12 @@ class EventStreams:
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, limit: int) -> EventStream | None:
-        """A new stream, or None when ``limit`` are open; ``close`` it when its page leaves."""
+    def open(self, limit: int, transport: asyncio.BaseTransport | None) -> EventStream | None:
+        """A new stream for the page on ``transport``, or None when ``limit`` are open;
+        ``close`` it when its page leaves."""
         if len(self._open) >= limit:
             return None
-        stream = EventStream()
+        stream = EventStream(transport)
         self._open.add(stream)
         return stream
 
@@ -121,6 +134,12 @@ class EventStreams:
         """End every open stream (citadeld is stopping)."""
         for stream in self._open:
             stream.end()
+
+    def end_gone(self) -> None:
+        """End the streams whose pages left (aiohttp tells a handler nothing of it)."""
+        for stream in self._open:
+            if stream.gone():
+                stream.end()
 
     def publish(self, message: bytes) -> None:
         """Queue ``message`` for every open stream (never blocks)."""

@@ -33,6 +33,16 @@ from citadel_supervisor.ui.views import (
 HOSTILE = "<script>alert(1)</script> \x1b[31mred\x1b[0m token=sk-abcdefghijkl"
 
 
+class Connection:
+    """What a stream reads of its page's connection."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
 class FakeWorker:
     """What ``page_worker`` reads of a worker: ``to_json`` and ``last_exit``."""
 
@@ -105,9 +115,9 @@ def test_streams_are_capped_and_a_slow_one_is_marked_behind() -> None:
 
     async def scenario() -> None:
         streams = EventStreams()
-        first, second = streams.open(2), streams.open(2)
+        first, second = streams.open(2, Connection()), streams.open(2, Connection())
         assert first is not None and second is not None
-        assert streams.open(2) is None
+        assert streams.open(2, Connection()) is None
         streams.close(second)
         assert len(streams) == 1
         streams.publish(b"a")
@@ -126,6 +136,19 @@ def test_streams_are_capped_and_a_slow_one_is_marked_behind() -> None:
     asyncio.run(scenario())
 
 
+def test_the_streams_of_pages_that_left_are_ended() -> None:
+    streams = EventStreams()
+    staying, leaving = Connection(), Connection()
+    kept, ended = streams.open(5, staying), streams.open(5, leaving)
+    assert kept is not None and ended is not None
+    streams.end_gone()
+    assert not kept.ended and not ended.ended
+    leaving.closing = True
+    streams.end_gone()
+    assert not kept.ended and ended.ended
+    assert EventStream(None).gone()
+
+
 def test_a_stream_waits_for_a_message_its_end_or_the_heartbeat() -> None:
     async def scenario() -> None:
         stream = EventStream()
@@ -134,12 +157,12 @@ def test_a_stream_waits_for_a_message_its_end_or_the_heartbeat() -> None:
         await stream.wait(0.05)  # nothing came: the heartbeat's turn
         assert loop.time() - started >= 0.05 and stream.take() == b""
         waiting = asyncio.ensure_future(stream.wait(60))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let it start waiting
         stream.put(b"news")
         await asyncio.wait_for(waiting, 5)
         assert stream.take() == b"news"
         waiting = asyncio.ensure_future(stream.wait(60))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let it start waiting
         stream.end()
         await asyncio.wait_for(waiting, 5)
         assert stream.ended
