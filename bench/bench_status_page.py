@@ -94,13 +94,16 @@ SNAPSHOT, MESSAGE = b"\nevent: snapshot\n", b"\nevent: "
 async def _pages(port: int, count: int) -> None:
     """Hold ``count`` pages open until stdin closes; print what they received, as JSON."""
     base = f"http://127.0.0.1:{port}"
-    received = {"messages": 0, "snapshots": 0, "errors": 0}
+    received: dict[str, Any] = {"messages": 0, "snapshots": 0, "errors": 0, "refusals": []}
     ready = asyncio.Event()
 
     async def page(session: aiohttp.ClientSession, index: int) -> None:
         async with session.get(f"{base}/ui/api/events") as resp:
             if resp.status != 200:
                 received["errors"] += 1
+                received["refusals"].append(f"{resp.status} {await resp.text()}")
+                if received["snapshots"] + received["errors"] >= count:
+                    ready.set()
                 return
             # Count the messages in each chunk, without parsing them: the pages share the
             # machine with citadeld, and should take as little of it as they can.
@@ -111,7 +114,7 @@ async def _pages(port: int, count: int) -> None:
                 received["snapshots"] += snapshots
                 received["messages"] += text.count(MESSAGE) - tail.count(MESSAGE) - snapshots
                 tail = text[-len(SNAPSHOT):]
-                if snapshots and received["snapshots"] >= count:
+                if snapshots and received["snapshots"] + received["errors"] >= count:
                     ready.set()
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -137,7 +140,7 @@ class Pages:
             self.proc.kill()
             raise RuntimeError(f"the pages did not open: {line!r}")
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, Any]:
         """Close the pages; what they received."""
         out, _ = self.proc.communicate("", timeout=30)
         return json.loads(out.strip().splitlines()[-1])
@@ -211,7 +214,7 @@ def main() -> None:
     citadel = Citadel(root / "citadel", services(args.flap, tag), lag_probe=probe,
                       exporter_listen=f"127.0.0.1:{port}", env={"CITADEL_FAKE_NVML": str(FAKE_HOST)})
     results: dict[int, list[dict[str, Any]]] = {0: [], args.pages: []}
-    received: list[dict[str, int]] = []
+    received: list[dict[str, Any]] = []
     try:
         citadel.start()
         wait_until(lambda: citadel.all_running([f"{tag}w{i}" for i in range(7)]), 60, "the workers")
@@ -233,7 +236,7 @@ def main() -> None:
     report(args, results, received, rows)
 
 
-def report(args: argparse.Namespace, results: dict[int, list[dict[str, Any]]], received: list[dict[str, int]],
+def report(args: argparse.Namespace, results: dict[int, list[dict[str, Any]]], received: list[dict[str, Any]],
            rows: list[tuple[float, float]]) -> None:
     """Print the tables."""
     print(f"Machine: {machine()}; load {loadavg()}")
@@ -271,6 +274,8 @@ def report(args: argparse.Namespace, results: dict[int, list[dict[str, Any]]], r
     total = {k: sum(r[k] for r in received) for k in ("messages", "snapshots", "errors")}
     print(f"\nThe pages received {total['snapshots']} snapshots and {total['messages']} messages "
           f"(events, health reports, GPUs); {total['errors']} were refused.")
+    for refusal in sorted({r for got in received for r in got["refusals"]}):
+        print(f"refused: {refusal}")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,10 @@ class EventStreams:
         """A new stream for the page on ``transport``, or None when ``limit`` are open;
         ``close`` it when its page leaves."""
         if len(self._open) >= limit:
-            return None
+            # Before refusing, leave out the pages that left since the last look.
+            self.end_gone()
+            if sum(1 for stream in self._open if not stream.ended) >= limit:
+                return None
         stream = EventStream(transport)
         self._open.add(stream)
         return stream

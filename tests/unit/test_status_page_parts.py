@@ -147,6 +147,12 @@ def test_the_streams_of_pages_that_left_are_ended() -> None:
     streams.end_gone()
     assert not kept.ended and ended.ended
     assert EventStream(None).gone()
+    # At the cap, a page that left no longer counts, even before its handler closed it.
+    streams = EventStreams()
+    leaving = Connection()
+    assert streams.open(1, leaving) is not None and streams.open(1, Connection()) is None
+    leaving.closing = True
+    assert streams.open(1, Connection()) is not None
 
 
 def test_a_stream_waits_for_a_message_its_end_or_the_heartbeat() -> None:
