@@ -109,22 +109,15 @@ def test_the_page_shows_every_worker_and_a_kill_within_a_second(daemon_factory: 
             worker["service"], "0", "yes")
     assert page.evaluate("document.getElementById('summary').textContent") == "3/3 running"
 
-    # Note when the victim's row leaves "running", and that the page never reloads.
-    page.evaluate("""(() => {
-        window.__stillHere = true;
-        window.__changedAt = null;
-        const tbody = document.querySelector('#workers tbody');
-        new MutationObserver(() => {
-          const row = tbody.querySelector('tr[data-worker="victim"]');
-          if (row && row.dataset.state !== 'running' && window.__changedAt === null) {
-            window.__changedAt = Date.now();
-          }
-        }).observe(tbody, {subtree: true, childList: true, attributes: true, characterData: true});
-      })()""")
-    killed_at = time.time()
+    # The kill shows on the open page within a second, with no reload. Measured from here
+    # (Chromium's own clock may be tens of ms off this one): each look at the page takes a
+    # round trip, so the figure is an upper bound.
+    page.evaluate("window.__stillHere = true")
+    state = "document.querySelector('tr[data-worker=\"victim\"]').dataset.state"
+    killed_at = time.monotonic()
     os.kill(status["victim"]["pid"], signal.SIGKILL)
-    changed_at = wait_until(lambda: page.evaluate("window.__changedAt"), 10, "the page to show the kill")
-    latency = changed_at / 1000 - killed_at
+    wait_until(lambda: page.evaluate(state) != "running", 10, "the page to show the kill", interval=0.01)
+    latency = time.monotonic() - killed_at
     assert latency < 1.0, f"the page showed the kill after {latency:.3f}s"
     victim = wait_until(lambda: when(rows(page)["victim"], lambda r: r["state"] == "stopped"), 10,
                         "the victim stopped on the page")
