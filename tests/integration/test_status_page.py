@@ -40,18 +40,28 @@ HOSTILE = ('["python3", "-u", "-c", "print(\'<script>alert(1)</script><img src=x
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    """One headless Chromium for the module's tests; a failure, not a skip, when it is missing."""
-    chromium = Chromium(tmp_path_factory.mktemp("chromium"))
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium | str]:
+    """One headless Chromium for the module's tests, or why it could not start (each test
+    that needs it then fails, through ``need``: it does not skip, as scripts/test installs
+    Chromium)."""
+    started = Chromium(tmp_path_factory.mktemp("chromium"))
     try:
-        chromium.start()
+        started.start()
     except RuntimeError as exc:
-        chromium.close()
-        pytest.fail(str(exc), pytrace=False)
+        started.close()
+        yield str(exc)
+        return
     try:
-        yield chromium
+        yield started
     finally:
-        chromium.close()
+        started.close()
+
+
+def need(browser: Chromium | str) -> Chromium:
+    """``browser``, or the test fails with the reason it is missing."""
+    if isinstance(browser, str):
+        pytest.fail(browser, pytrace=False)
+    return browser
 
 
 def exporter_config(port: int, extra: str = "") -> str:
@@ -85,7 +95,8 @@ def no_errors(page: Page) -> None:
     assert page.evaluate("window.__dialogs") == []
 
 
-def test_the_page_shows_every_worker_and_a_kill_within_a_second(daemon_factory: Any, browser: Chromium) -> None:
+def test_the_page_shows_every_worker_and_a_kill_within_a_second(daemon_factory: Any, browser: Chromium | str) -> None:
+    chromium = need(browser)
     port = free_port()
     d = daemon_factory(exporter_config(port) + f"""
         [services.victim]
@@ -100,7 +111,7 @@ def test_the_page_shows_every_worker_and_a_kill_within_a_second(daemon_factory: 
         """)
     status = d.wait_for(lambda s: s if len(s) == 3 and all(w["state"] == "running" for w in s.values()) else None,
                         what="every worker running")
-    page = open_page(browser, port)
+    page = open_page(chromium, port)
     shown = wait_until(lambda: when(rows(page), lambda r: len(r) == 3 and all(
         w["state"] == "running" for w in r.values())), 10, "three running workers on the page")
     for name, worker in status.items():
@@ -135,7 +146,8 @@ def test_the_page_shows_every_worker_and_a_kill_within_a_second(daemon_factory: 
     no_errors(page)
 
 
-def test_what_a_worker_prints_shows_as_text(daemon_factory: Any, browser: Chromium) -> None:
+def test_what_a_worker_prints_shows_as_text(daemon_factory: Any, browser: Chromium | str) -> None:
+    chromium = need(browser)
     port = free_port()
     d = daemon_factory(exporter_config(port, "ui_logs = true") + f"""
         [services.hostile]
@@ -144,7 +156,7 @@ def test_what_a_worker_prints_shows_as_text(daemon_factory: Any, browser: Chromi
         """)
     d.wait_state("hostile", "running")
     wait_until(lambda: "done" in d.ctl("logs", "hostile").stdout, 10, "the worker's line")
-    page = open_page(browser, port)
+    page = open_page(chromium, port)
     page.evaluate("document.querySelector('tr[data-worker=\"hostile\"]').click()")
     text = wait_until(lambda: when(page.evaluate("document.getElementById('log-lines').textContent"),
                                    lambda t: "done" in t), 10, "the worker's output on the page")
@@ -157,8 +169,9 @@ def test_what_a_worker_prints_shows_as_text(daemon_factory: Any, browser: Chromi
     no_errors(page)
 
 
-def test_the_page_shows_the_gpus_and_who_holds_them(daemon_factory: Any, browser: Chromium,
+def test_the_page_shows_the_gpus_and_who_holds_them(daemon_factory: Any, browser: Chromium | str,
                                                     tmp_path: Path) -> None:
+    chromium = need(browser)
     host = tmp_path / "host.json"
     host.write_text(FAKE_HOST.read_text())
     port = free_port()
@@ -169,7 +182,7 @@ def test_the_page_shows_the_gpus_and_who_holds_them(daemon_factory: Any, browser
         gpus = [1]
         """, env={"CITADEL_FAKE_NVML": str(host)})
     pid = d.wait_state("holder", "running")["pid"]
-    page = open_page(browser, port)
+    page = open_page(chromium, port)
     # The worker's process takes 4 GiB of GPU 1, and some of GPU 2 (not its own); a process
     # that is no worker's holds GPU 3. The fake NVML reads its file again when it changes.
     data = json.loads(host.read_text())
