@@ -101,7 +101,15 @@ class StatusPage:
         self.streams = EventStreams()
         self.stopping = False
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
-        self.files = read_static() if self.enabled else {}
+        self.files: dict[str, bytes] = {}
+        if self.enabled:
+            try:
+                self.files = read_static()
+            except OSError as exc:
+                # The workers matter more than their page: run on, and say so.
+                logger.error("status page: cannot read its files ({}); no page at / until "
+                             "citadel-supervisor is installed again", exc)
+                self.enabled = False
         #: The last ``health`` and ``gpus`` messages, for a page that opens.
         self._host: dict[str, bytes] = {}
         self._tend_task: asyncio.Task[None] | None = None
