@@ -23,6 +23,7 @@ from loguru import logger
 
 from . import __version__
 from .config import CitadelConfig, ConfigError, ConfigIssue, load_config
+from .control import API_PREFIX
 from .control.access import AccessPolicy
 from .control.openapi import builtin_routes
 from .control.route import Route, accept_plugin_routes
@@ -42,6 +43,7 @@ from .process.spawn import become_subreaper, children
 from .process.statefile import StateFile
 from .supervisor import Supervisor
 from .systemd import Notifier
+from .ui.page import StatusPage
 from .worker.lifecycle import WorkerRuntime
 
 
@@ -175,8 +177,8 @@ class Daemon:
 
     def control_routes(self) -> list[Route]:
         """The GET routes parts and plugins add to the control API (``citadel_control_routes``)."""
-        taken = {route.path for route in builtin_routes()}
-        return accept_plugin_routes(self.plugins.call_each("citadel_control_routes"), taken)
+        taken = {API_PREFIX + route.path for route in builtin_routes()}
+        return accept_plugin_routes(self.plugins.call_each("citadel_control_routes"), taken, API_PREFIX)
 
     # -- actions from the control API ----------------------------------------
 
@@ -240,17 +242,21 @@ class Daemon:
 
     def _assemble(self, session: aiohttp.ClientSession, control_connections: int) -> Exporter:
         """Register the parts that need the running daemon as built-in plugins: the GPU
-        part, the exporter and the multinode coordinator (the modules of ``DEFAULT_PLUGINS``
-        are registered already)."""
+        part, the exporter, the status page and the multinode coordinator (the modules of
+        ``DEFAULT_PLUGINS`` are registered already)."""
         inventory = self.gpus.inventory
         reader = GpuReader(inventory) if inventory is not None else None
-        self.plugins.register_builtin(
-            GpuPlugin(self.gpus, reader, workers=lambda: list(self.supervisor.workers.values()),
-                      assigned=lambda: self.allocation.by_device()),
-            "gpu")
+        gpu = GpuPlugin(self.gpus, reader, workers=lambda: list(self.supervisor.workers.values()),
+                        assigned=lambda: self.allocation.by_device())
+        self.plugins.register_builtin(gpu, "gpu")
         exporter = Exporter(self.config, self.supervisor, self.plugins, self.events, self.reloads,
                             session, gpus=reader, control_connections=control_connections)
         self.plugins.register_builtin(exporter, "exporter")
+        page = StatusPage(self.config.exporter, self.supervisor, report=exporter.report, gpus=gpu.answer,
+                          max_connections=lambda: exporter.max_connections)
+        self.plugins.register_builtin(page, "ui")
+        # Closed in reverse: the open pages' streams end before the listener waits for them.
+        self._closers += [exporter.close, page.close]
         self.plugins.register_builtin(
             MultinodePlugin(workers=lambda: list(self.supervisor.workers.values()), session=session),
             "multinode")
@@ -307,7 +313,6 @@ class Daemon:
                                     cgroup_tree=cgroup_tree, gpu_inventory=self.gpus.inventory)
             self.supervisor = Supervisor(cfg, self.plugins.service_types(), runtime, self.allocation)
             self.exporter = self._assemble(session, control.limits.max_connections)
-            self._closers.append(self.exporter.close)
             await control.start()
             await self.exporter.start()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):

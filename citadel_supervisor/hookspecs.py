@@ -161,10 +161,12 @@ def citadel_scrape_collectors(scrape: Scrape) -> list[Any]:
 def citadel_exporter_routes() -> list[Route]:
     """Return ``GET`` routes to add to the exporter's listener, under ``/v1``.
 
-    The exporter faces the network and checks no caller: a route added here
-    must authenticate its callers itself (the ``multinode`` part signs with the
-    group's secret) and reveal nothing secret. A route that is not GET, or whose
-    path is taken, is logged and left out.
+    A route with ``at_root=True`` is served at its path as it is, at the
+    listener's root (the ``ui`` part serves the status page at ``/`` and
+    ``/ui/``). The exporter faces the network and checks no caller: a route
+    added here must authenticate its callers itself (the ``multinode`` part
+    signs with the group's secret) and reveal nothing secret. A route that is
+    not GET, or whose path is taken, is logged and left out.
     """
 
 

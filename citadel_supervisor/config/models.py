@@ -279,7 +279,7 @@ class HostChecksConfig(Model):
 
 
 class ExporterConfig(Model):
-    """``[exporter]``: the Prometheus and health listener."""
+    """``[exporter]``: the Prometheus and health listener, and the status page."""
 
     listen: str | None = Field("127.0.0.1:9180", description="host:port, or empty to disable")
     scrape_timeout: Duration = Field(2.0, gt=0, description="per worker /metrics fetch")
@@ -294,6 +294,15 @@ class ExporterConfig(Model):
         "auto",
         description="gzip /metrics when the scraper asks: auto (unless it scrapes over loopback, "
                     "where compressing costs CPU and saves nothing), always, or never",
+    )
+    ui: bool = Field(
+        True, description="serve the status page at / and /ui/: read-only, live (docs/status-page.md)"
+    )
+    ui_logs: bool = Field(
+        False,
+        description="let the status page show a worker's output (its last lines): off, as the "
+                    "listener faces the network and a worker may print what only operators "
+                    "should read",
     )
 
 

@@ -7,6 +7,8 @@
 - ``/readyz``: 200 when every required service has a ready worker, else 503;
   ``/readyz?service=NAME`` for one service (a load balancer's per-backend check).
 - ``/health``: the ``application/health+json`` report; 200 on pass or warn, 503 on fail.
+- ``/``: the status page (``ui/``, a part that mounts its routes at the root through
+  ``citadel_exporter_routes``), or, without it, a line naming these paths.
 
 A scrape never blocks the supervisor's loop: what reads ``/proc`` or NVML, or
 runs plugins' code, and gzip, run in threads; the workers' pages are fetched
@@ -173,6 +175,9 @@ class Exporter:
         self._federation = FederationRenderer()
         self._local_encoder = FamilyEncoder()
         self.address: tuple[str | None, int] | None = None
+        #: The listener's connection cap, once it listens (the status page keeps its
+        #: streams to a share of it).
+        self.max_connections = MAX_CONNECTIONS
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
@@ -197,20 +202,23 @@ class Exporter:
     async def _listen(self, listen: str) -> None:
         host, port = parse_listen(listen)
         app = web.Application()
-        app.router.add_get("/", self.index)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/health", self.health)
-        taken = {"/", "/metrics", "/healthz", "/readyz", "/health"}
-        for route in accept_plugin_routes(self.plugins.call_each("citadel_exporter_routes"), taken):
-            app.router.add_get(API_PREFIX + route.path, route.handler)
+        taken = {"/metrics", "/healthz", "/readyz", "/health"}
+        routes = accept_plugin_routes(self.plugins.call_each("citadel_exporter_routes"), taken,
+                                      API_PREFIX, root_allowed=True)
+        for route in routes:
+            app.router.add_get(route.mounted(API_PREFIX), route.handler)
+        if "/" not in {route.mounted(API_PREFIX) for route in routes}:  # the status page is off
+            app.router.add_get("/", self.index)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
                                      keepalive_timeout=IDLE_TIMEOUT)
         await self._runner.setup()
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         in_use = open_fds()
-        cap = connection_cap(nofile, in_use, FD_RESERVE + self.control_connections)
+        cap = self.max_connections = connection_cap(nofile, in_use, FD_RESERVE + self.control_connections)
 
         def gate(server: web.Server) -> ConnectionGate:
             return ConnectionGate(server, "citadeld's exporter", cap, content_type="text/plain")

@@ -17,6 +17,7 @@ from aiohttp import web
 from .. import hookimpl
 from ..control.responses import json_response
 from ..control.route import Route
+from ..process.procstat import process_table
 from ..worker.restart_policy import RestartWait
 from .inventory import GpuDetection
 from .metrics import GpuCollector, GpuReader
@@ -24,6 +25,7 @@ from .placement import wait_released
 
 if TYPE_CHECKING:
     from ..exporter.snapshot import Scrape
+    from ..process.spawn import ProcessTree
     from ..services.base import WorkerInfo
     from ..worker.lifecycle import Worker
 
@@ -86,11 +88,32 @@ class GpuPlugin:
 
     async def gpus_route(self, request: web.Request) -> web.Response:
         """GET /v1/gpus: the inventory, and which worker holds which GPU."""
+        return json_response(await self.answer())
+
+    async def answer(self, fresh: bool = True) -> dict[str, Any]:
+        """What ``GET /v1/gpus`` answers. Read from NVML now when ``fresh``; else through the
+        reader the scrapes share, at most once a second (for the status page)."""
+        trees = [(w.name, w.proc) for w in self.workers() if w.proc is not None]
+        owners = await asyncio.to_thread(self._read, fresh, trees) if self.detection.inventory else {}
+        return self.detection.to_json(owners, self.assigned())
+
+    def _read(self, fresh: bool, trees: list[tuple[str, ProcessTree]]) -> dict[int, str]:
+        """Refresh the GPUs; the worker of each process on them (NVML and /proc: in a thread)."""
         inventory = self.detection.inventory
+        assert inventory is not None
+        if fresh or self.reader is None:
+            inventory.refresh()
+        else:
+            self.reader.read()
+        if not any(gpu.processes for gpu in inventory.gpus):
+            return {}
         owners: dict[int, str] = {}
-        if inventory is not None:
-            await asyncio.to_thread(inventory.refresh)
-            for w in self.workers():
-                if w.proc is not None:
-                    owners.update((pid, w.name) for pid in w.proc.members())
-        return json_response(self.detection.to_json(owners, self.assigned()))
+        table = None
+        for name, tree in trees:
+            if table is None and tree.cgroup is None:
+                table = process_table()  # one read of /proc for every tree without a cgroup
+            try:
+                owners.update((pid, name) for pid in tree.members(table))
+            except OSError:
+                continue
+        return owners

@@ -359,3 +359,35 @@ def test_federated_series_carry_service_and_worker(exported: dict[str, set[str]]
     for family in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                    "vllm:generation_tokens", "vllm:time_to_first_token_seconds"):
         assert {"service", "worker"} <= exported[family], family
+
+
+# --------------------------------------------------------------------------
+# The package's data files
+# --------------------------------------------------------------------------
+
+
+def test_the_built_package_holds_the_status_page(tmp_path: Path) -> None:
+    """setuptools' build_py (what a wheel is made of) copies the page's files, and the
+    status page reads them from the built tree."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "citadel_supervisor", source / "citadel_supervisor",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    built = tmp_path / "lib"
+    result = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q",
+                             "build_py", "--build-lib", str(built)],
+                            cwd=source, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    static = {p.name for p in (built / "citadel_supervisor" / "ui" / "static").iterdir()}
+    assert static == {p.name for p in (ROOT / "citadel_supervisor" / "ui" / "static").iterdir()}
+    check = subprocess.run(
+        [sys.executable, "-c", "import citadel_supervisor.ui.page as p; "
+                               "print(p.__file__); print(sorted(p.read_static()))"],
+        env={**os.environ, "PYTHONPATH": str(built)}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert check.returncode == 0, check.stderr
+    where, files = check.stdout.splitlines()
+    assert where.startswith(str(built))
+    assert files == str(sorted(["index.html", "status.css", "status.js"]))
