@@ -40,3 +40,12 @@ def test_the_states_module_is_a_leaf_and_every_state_has_its_place() -> None:
     assert [s.value for s in WorkerState] == list(STATE_NAMES) == list(WORKER_STATES)
     assert WORKER_SCHEMA["properties"]["state"]["enum"] == list(STATE_NAMES)
     assert set(_STATE_COLOURS) == set(STATE_NAMES)
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (no __init__.py): two of one name cannot both run."""
+    from collections import Counter
+
+    roots = [REPO / "tests", *sorted((REPO / "plugins").glob("*/tests"))]
+    names = Counter(p.name for root in roots for p in root.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
