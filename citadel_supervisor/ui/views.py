@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 #: The fields of a worker's status the page shows.
 WORKER_FIELDS = ("name", "service", "type", "state", "pid", "restarts", "ready", "gpus", "port",
-                 "since", "uptime", "last_exit", "last_error", "phase", "models")
+                 "since", "uptime", "last_exit", "last_error", "last_failure", "phase", "models")
 #: The keys of an event's ``detail`` the page shows (``last_lines`` only with ``ui_logs``).
-EVENT_DETAIL = ("reason", "exit", "delay", "waiting", "error", "pid")
+EVENT_DETAIL = ("reason", "cause", "exit", "delay", "waiting", "error", "pid")
 #: The fields of a GPU the page shows.
 GPU_FIELDS = ("index", "uuid", "name", "memory", "utilization_percent", "temperature_c", "power_w",
               "power_limit_w", "xid_errors", "workers")
@@ -46,7 +46,10 @@ def page_worker(worker: Worker, logs: bool) -> dict[str, Any]:
     """One worker, with the reason of its last exit (``killed by SIGKILL``)."""
     status = worker.to_json()
     entry = {key: status.get(key) for key in WORKER_FIELDS}
-    entry["last_exit_reason"] = worker.last_exit.describe() if worker.last_exit is not None else None
+    reason = worker.last_exit.describe() if worker.last_exit is not None else None
+    if reason is not None and worker.last_failure:
+        reason = f"{reason} ({worker.last_failure})"  # the cause, in a word: killed by SIGKILL (oom)
+    entry["last_exit_reason"] = reason
     if logs:
         entry["last_lines"] = page_lines(status.get("last_lines") or [])
     return entry

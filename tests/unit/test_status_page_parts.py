@@ -46,13 +46,15 @@ class Connection:
 class FakeWorker:
     """What ``page_worker`` reads of a worker: ``to_json`` and ``last_exit``."""
 
-    def __init__(self, last_exit: ExitStatus | None = None):
+    def __init__(self, last_exit: ExitStatus | None = None, last_failure: str | None = None):
         self.last_exit = last_exit
+        self.last_failure = last_failure
 
     def to_json(self) -> dict[str, Any]:
         return {"name": "chat", "service": "chat", "type": "command", "state": "backoff", "pid": None,
                 "restarts": 2, "ready": False, "gpus": [0], "port": 8001, "since": 1.0, "uptime": None,
                 "last_exit": self.last_exit.to_json() if self.last_exit else None, "last_error": None,
+                "last_failure": self.last_failure,
                 "phase": None, "models": ["m"], "probes": {"readiness": {"passing": False}},
                 "host": "0.0.0.0", "gpu_uuids": ["GPU-1"], "env": {"HF_TOKEN": "hf_secretvalue"},
                 "last_lines": [HOSTILE]}
@@ -63,6 +65,8 @@ def test_a_worker_shows_its_chosen_fields_and_output_only_with_logs() -> None:
     shown = page_worker(worker, logs=False)  # type: ignore[arg-type]
     assert "env" not in shown and "last_lines" not in shown and "probes" not in shown
     assert shown["last_exit_reason"] == "killed by SIGKILL"
+    oom = page_worker(FakeWorker(ExitStatus(code=None, signal=9), last_failure="oom"), logs=False)  # type: ignore[arg-type]
+    assert oom["last_exit_reason"] == "killed by SIGKILL (oom)" and oom["last_failure"] == "oom"
     assert (shown["state"], shown["restarts"], shown["port"], shown["gpus"]) == ("backoff", 2, 8001, [0])
     with_logs = page_worker(worker, logs=True)  # type: ignore[arg-type]
     assert "env" not in with_logs
