@@ -47,8 +47,8 @@ def page_worker(worker: Worker, logs: bool) -> dict[str, Any]:
     status = worker.to_json()
     entry = {key: status.get(key) for key in WORKER_FIELDS}
     reason = worker.last_exit.describe() if worker.last_exit is not None else None
-    if reason is not None and worker.last_failure:
-        reason = f"{reason} ({worker.last_failure})"  # the cause, in a word: killed by SIGKILL (oom)
+    if reason is not None and worker.last_failure not in (None, "exit", "signal"):
+        reason = f"{reason} ({worker.last_failure})"  # what the exit alone does not say: (oom)
     entry["last_exit_reason"] = reason
     if logs:
         entry["last_lines"] = page_lines(status.get("last_lines") or [])

@@ -420,7 +420,7 @@ class Worker:
             tail = "".join(f"\n  | {line}" for line in self.last_lines)
             level = "ERROR" if failed else "INFO"
             because = f", cause {cause}" if failed else ""
-            self._log.log(level, "exited ({}{}) after {:.1f}s; last lines:{}", reason, because, uptime,
+            self._log.log(level, "exited ({}) after {:.1f}s{}; last lines:{}", reason, uptime, because,
                           tail or " none")
         self._publish("exit", self.state.value, {"exit": status.to_json(), "reason": reason,
                                                  "cause": cause if failed else None,

@@ -344,7 +344,7 @@ def test_check_rejects_an_unknown_probe_kind(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "services.sleeper.probes.liveness.kind: no probe kind 'htpp'" in result.stderr
     assert "did you mean 'http'?" in result.stderr
-    assert re.search(r"known kinds: exec, http, inference, tcp", result.stderr), result.stderr
+    assert re.search(r"known kinds: exec, http, inference, progress, tcp", result.stderr), result.stderr
 
 
 def test_reload_rejects_an_unknown_probe_kind(daemon_factory: Any) -> None:

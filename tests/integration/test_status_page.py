@@ -245,7 +245,7 @@ def test_worker_output_and_secrets_stay_off_the_network_by_default(daemon_factor
     code, _, body = answers["/ui/api/logs/leaky"]
     assert code == 403 and "ui_logs" in json.loads(body)["error"]
     (worker,) = json.loads(answers["/ui/api/status"][2])["workers"]
-    assert (worker["state"], worker["last_exit_reason"]) == ("stopped", "exit code 3 (exit)")
+    assert (worker["state"], worker["last_exit_reason"]) == ("stopped", "exit code 3")
     assert "last_lines" not in worker
     # The stream's snapshot holds the exit event, without the output it carried; nor do the
     # health report and the GPUs hold either.
