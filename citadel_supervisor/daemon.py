@@ -28,6 +28,7 @@ from .control.access import AccessPolicy
 from .control.openapi import builtin_routes
 from .control.route import Route, accept_plugin_routes
 from .control.server import ControlServer
+from .demand.controller import DemandController
 from .events import EventBus, WorkerEvent
 from .exporter.server import Exporter
 from .gpu import GpuAllocation, GpuDetection
@@ -164,6 +165,7 @@ class Daemon:
         self.events = EventBus(self._on_event)
         self.notifier = Notifier()
         self.supervisor: Supervisor = None  # type: ignore[assignment]  # set in run()
+        self.demand: DemandController = None  # type: ignore[assignment]  # set in run()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._reload_lock = asyncio.Lock()
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -188,11 +190,16 @@ class Daemon:
         sup = self.supervisor
         workers = list(sup.workers.values()) if everything else sup.resolve(names)
         if action == "start":
+            # A member of a swap group starts once the group has room for it.
+            direct = [w for w in workers if not w.info.config.swap_group]
+            making_room = [self.demand.bring_up(w, by_operator=True)
+                           for w in workers if w.info.config.swap_group]
             if wait:
-                await sup.start_workers(workers)
+                await sup.start_workers(direct)
+                await asyncio.gather(*making_room, return_exceptions=True)
                 await asyncio.gather(*(w.settled(w.info.config.startup_timeout) for w in workers))
             else:
-                for w in workers:
+                for w in direct:
                     w.start()
         elif action == "stop":
             if wait:
@@ -260,6 +267,10 @@ class Daemon:
         self.plugins.register_builtin(
             MultinodePlugin(workers=lambda: list(self.supervisor.workers.values()), session=session),
             "multinode")
+        self.demand = DemandController(workers=lambda: list(self.supervisor.workers.values()),
+                                       groups=lambda: self.config.swap_groups, plugins=self.plugins,
+                                       events=self.events)
+        self.plugins.register_builtin(self.demand, "demand")
         return exporter
 
     # -- running ----------------------------------------------------------------
@@ -319,6 +330,7 @@ class Daemon:
                 loop.add_signal_handler(signum, self._queue_signal, signum)
             watchdog = loop.create_task(self._watchdog())
             starting = loop.create_task(self.supervisor.start())
+            self.demand.start()
             starting.add_done_callback(lambda _: self.notifier.ready(self.supervisor.summary()))
             self.plugins.call_each("citadel_daemon_started", supervisor=self.supervisor)
             try:
@@ -328,6 +340,7 @@ class Daemon:
                 self.notifier.stopping()
                 self.plugins.call_each("citadel_daemon_stopping", supervisor=self.supervisor)
                 starting.cancel()
+                await self.demand.close()  # no start on demand while everything stops
                 await self.supervisor.shutdown()
                 state_file.close()  # its last write (no worker left) is on disk
                 watchdog.cancel()

@@ -15,6 +15,8 @@ class WorkerState(str, enum.Enum):
     BACKOFF = "backoff"  # waiting to restart
     STOPPING = "stopping"
     FATAL = "fatal"  # gave up; a manual start clears it
+    IDLE = "idle"  # on demand, no process: starts at the first request for it (or a start)
+    ASLEEP = "asleep"  # its process runs with the engine asleep (memory released): wakes on demand
 
 
 #: Every state's name, in the contract's order.

@@ -156,10 +156,11 @@ class Supervisor:
 
     async def start_workers(self, workers: list[Worker], *, ranks: bool = True) -> None:
         """Start workers; each service waits for the services it comes ``after`` to settle.
-        ``ranks=False`` leaves out the ranks of multinode groups: their coordinator starts
-        them, head first (citadeld's start-up, a reload)."""
+        ``ranks=False`` (citadeld's start-up, a reload) leaves out the ranks of multinode
+        groups, which their coordinator starts head first, and services started on demand."""
         if not ranks:
-            workers = [w for w in workers if w.info.group_rank is None]
+            workers = [w for w in workers
+                       if w.info.group_rank is None and w.info.config.start != "on-demand"]
         grouped = self._by_service(workers)
         settled: dict[str, asyncio.Event] = {name: asyncio.Event() for name in grouped}
 

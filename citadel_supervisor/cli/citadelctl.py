@@ -25,7 +25,7 @@ DEFAULT_CONFIG = "/etc/citadel/citadeld.toml"
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 _STATE_COLOURS = {"running": "green", "starting": "yellow", "backoff": "yellow",
-                  "stopping": "yellow", "stopped": None, "fatal": "red"}
+                  "stopping": "yellow", "stopped": None, "fatal": "red", "idle": "cyan", "asleep": "cyan"}
 _HEALTH_COLOURS = {"pass": "green", "warn": "yellow", "fail": "red"}
 
 
@@ -140,6 +140,9 @@ def _state_cell(w: dict[str, Any], now: float) -> str:
     if state == "starting":
         detail = [f"for {_duration(now - w['since'])}"] + ([w["phase"]] if w.get("phase") else [])
         return f"starting ({', '.join(detail)})"
+    demand = w.get("demand") or {}
+    if state in ("idle", "asleep") and demand.get("down_reason"):
+        return f"{state} ({demand['down_reason']})"
     exit_ = w.get("last_exit")
     if state in ("fatal", "backoff") and exit_:
         return state + (f" (exit {exit_['code']})" if exit_.get("signal") is None
@@ -269,13 +272,15 @@ def _act(ctl: Ctl, action: str, names: tuple[str, ...], everything: bool, wait: 
             progress = _Progress(ctl, names, everything)
         except (DaemonUnreachableError, ControlError):
             progress = None  # the call below reports the problem
-    body = {"names": list(names), "all": everything, "wait": wait, "rolling": rolling}
+    body = {"names": list(names), "all": everything, "wait": wait}
+    if action in ("start", "stop", "restart"):
+        body["rolling"] = rolling
     try:
         data = ctl.call("POST", f"/{action}", body, timeout=None if wait else 30.0)
     finally:
         if progress is not None:
             progress.close()
-    wanted = ("stopped", "fatal") if action == "stop" else ("running",)
+    wanted = {"stop": ("stopped", "fatal"), "sleep": ("asleep", "idle", "stopped")}.get(action, ("running",))
     failed = []
     for w in data["workers"]:
         line = f"{w['name']}: {w['state']}" + (f" (pid {w['pid']})" if w["pid"] else "")
@@ -285,7 +290,7 @@ def _act(ctl: Ctl, action: str, names: tuple[str, ...], everything: bool, wait: 
                 line += f": {w['last_error']}"
         click.echo(_mask(line))
     if failed:
-        _fail(f"not {'stopped' if action == 'stop' else 'running'}: {', '.join(failed)} "
+        _fail(f"not {' or '.join(wanted)}: {', '.join(failed)} "
               "(see `citadelctl status` and `citadelctl logs NAME`)")
 
 
@@ -326,6 +331,27 @@ def stop(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool) -> None
 def restart(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool, rolling: bool) -> None:
     """Restart workers or services."""
     _act(ctl, "restart", names, everything, wait, rolling)
+
+
+@main.command()
+@_NAMES
+@_ALL
+@click.option("--wait", is_flag=True, help="Block until they are asleep (or idle); exit 1 if one is not.")
+@click.pass_obj
+def sleep(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool) -> None:
+    """Put running workers to sleep (vLLM's sleep mode); where the build has none, stop them
+    into idle. A request through the gateway, or `citadelctl wake`, brings them back."""
+    _act(ctl, "sleep", names, everything, wait)
+
+
+@main.command()
+@_NAMES
+@_ALL
+@_WAIT
+@click.pass_obj
+def wake(ctl: Ctl, names: tuple[str, ...], everything: bool, wait: bool) -> None:
+    """Wake asleep workers and start idle ones (making room in their swap group)."""
+    _act(ctl, "wake", names, everything, wait)
 
 
 # -- reload ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .models import (
     ProbeRole,
     ProbesConfig,
     ServiceConfig,
+    SwapGroupConfig,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "SectionModels",
     "ServiceConfig",
     "ServiceModels",
+    "SwapGroupConfig",
     "did_you_mean",
     "find_cycle",
     "format_path",

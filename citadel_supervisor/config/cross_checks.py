@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from .errors import ConfigIssue, did_you_mean, format_path
-from .models import ServiceConfig
+from .models import ServiceConfig, SwapGroupConfig
 
 
 def check_services(
@@ -94,3 +94,34 @@ def find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
             if found:
                 return found
     return None
+
+
+def check_swap_groups(
+    services: Mapping[str, ServiceConfig],
+    groups: Mapping[str, SwapGroupConfig],
+    sources: Callable[[tuple[object, ...]], Path | None],
+) -> list[ConfigIssue]:
+    """Each ``swap_group`` names a ``[swap_groups.NAME]``, and the members that start with
+    citadeld (``start = "always"``) fit within its ``max_running``."""
+    issues: list[ConfigIssue] = []
+    always: dict[str, list[str]] = {}
+    for name, service in services.items():
+        group = service.swap_group
+        if group is None:
+            continue
+        if group not in groups:
+            loc: tuple[object, ...] = ("services", name, "swap_group")
+            known = f" (defined: {', '.join(sorted(groups))})" if groups else " (none is defined)"
+            issues.append(ConfigIssue(sources(loc), format_path(loc),
+                                      f"no [swap_groups.{group}] table{did_you_mean(group, groups) or known}"))
+        elif service.start == "always":
+            always.setdefault(group, []).extend([name] * service.replicas)
+    for group, members in always.items():
+        limit = groups[group].max_running
+        if len(members) > limit:
+            loc = ("swap_groups", group, "max_running")
+            issues.append(ConfigIssue(sources(loc), format_path(loc),
+                                      f"{len(members)} workers of this group start with citadeld "
+                                      f"({', '.join(sorted(set(members)))}), more than max_running = "
+                                      f"{limit}; give the others start = \"on-demand\""))
+    return issues

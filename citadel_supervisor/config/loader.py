@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..logs.masking import SecretMasker, is_secret_name
-from .cross_checks import check_probe_kinds, check_services
+from .cross_checks import check_probe_kinds, check_services, check_swap_groups
 from .errors import ConfigError, ConfigIssue, did_you_mean, format_path
 from .interpolation import InterpolationError, Interpolator, read_env_file
 from .models import CitadelConfig, ServiceConfig
@@ -112,6 +112,7 @@ def load_config(
     # Checks across services run on those that validated, so that one run
     # reports every problem; a service that failed is still a known name.
     issues.extend(check_services(services, set(raw_services), sources))
+    issues.extend(check_swap_groups(services, top.swap_groups if top is not None else {}, sources))
     if probe_kinds is not None:
         issues.extend(check_probe_kinds(services, probe_kinds, sources))
     if top is None or issues:

@@ -178,6 +178,14 @@ class ServiceConfig(Model):
     )
     multinode: MultinodeConfig | None = Field(
         None, description="run as one group across nodes, a rank on each (docs/multinode.md)")
+    start: Literal["always", "on-demand"] = Field(
+        "always", description='"on-demand": not started with citadeld, but at the first request for '
+                              "it through a gateway that names it in on_demand (docs/on-demand.md)")
+    idle_stop: Duration = Field(
+        0.0, ge=0, description="stop (or put to sleep, with vLLM's sleep) a worker that served nothing "
+                               "for this long; 0 never")
+    swap_group: str | None = Field(
+        None, description="a [swap_groups.NAME]: its members take turns (least recently used out)")
 
     _stop_signal = field_validator("stop_signal", mode="before")(_signal_number)
 
@@ -191,7 +199,16 @@ class ServiceConfig(Model):
     def _one_rank_per_node(self) -> ServiceConfig:
         if self.multinode is not None and self.replicas != 1:
             raise ValueError("a multinode service runs one rank per node: replicas must be 1")
+        if self.multinode is not None and (self.start != "always" or self.idle_stop or self.swap_group):
+            raise ValueError("a multinode group runs as one: start, idle_stop and swap_group are "
+                             "not supported for it")
         return self
+
+    @property
+    def on_demand(self) -> bool:
+        """True when the worker may be down for want of requests: started on demand, stopped
+        or put to sleep when idle, or evicted by a swap group's other members."""
+        return self.start == "on-demand" or self.idle_stop > 0 or self.swap_group is not None
 
     @model_validator(mode="after")
     def _account_exists(self) -> ServiceConfig:
@@ -306,6 +323,19 @@ class ExporterConfig(Model):
     )
 
 
+class SwapGroupConfig(Model):
+    """``[swap_groups.NAME]``: services that cannot all run at once (they share GPUs, or
+    host memory); starting one evicts the least recently used (docs/on-demand.md)."""
+
+    max_running: int = Field(1, ge=1, description="members awake at once (an asleep one does not count)")
+    eviction: Literal["lru", "cost"] = Field(
+        "lru", description='"lru": the least recently used goes first; "cost": idle time divided by '
+                           "its measured start time, so that a slow-starting model goes last")
+    busy_wait: Duration = Field(
+        60.0, ge=0, description="how long a start waits for a member with requests in flight to "
+                                "finish them before it is evicted anyway")
+
+
 class PluginsConfig(Model):
     """``[plugins]``: which plugins not to load."""
 
@@ -320,6 +350,8 @@ class CitadelConfig(Model):
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     services: dict[str, ServiceConfig] = Field(default_factory=dict)
+    swap_groups: dict[str, SwapGroupConfig] = Field(
+        default_factory=dict, description="[swap_groups.NAME] tables: services that take turns")
     plugin: dict[str, Any] = Field(
         default_factory=dict, description="[plugin.NAME] sections, validated by their plugins"
     )

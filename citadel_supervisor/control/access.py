@@ -102,6 +102,21 @@ def in_worker_tree(pid: int, supervisor: int) -> bool:
     return True
 
 
+def worker_leader(pid: int, supervisor: int) -> int | None:
+    """The ancestor of ``pid`` (or ``pid`` itself) that is a child of ``supervisor``: the
+    leader of the worker it runs in, or None when it descends from no child of citadeld.
+    A child of citadeld is citadeld's to reap, so its pid cannot be reused meanwhile."""
+    walk = pid
+    for _ in range(_MAX_DEPTH):
+        stat = read_stat(walk)
+        if stat is None or stat.ppid <= 1:
+            return None
+        if stat.ppid == supervisor:
+            return walk
+        walk = stat.ppid
+    return None
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     """root and citadeld's own user control; listed groups control or read; others

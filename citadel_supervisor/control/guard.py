@@ -26,6 +26,11 @@ MAX_REQUESTS_KEY = web.AppKey("max_requests", int)
 #: How many of them may be callers without control access (the rest wait for root).
 MAX_READ_REQUESTS_KEY = web.AppKey("max_read_requests", int)
 ACTIVE_KEY = web.AppKey("active_requests", dict)
+#: Where a worker may act although it reads at most: its handler checks the worker's grant
+#: (``ServiceType.control_grants``) against what it asks for.
+GRANTED_PATHS = frozenset({"/v1/demand"})
+#: The request's key for the caller that came in on a grant (a ``Peer``).
+GRANTED_CALLER = "granted_caller"
 
 _READ_METHODS = ("GET", "HEAD")
 
@@ -62,7 +67,9 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(403, "cannot read the caller's credentials")
     access = request.app[ACCESS_KEY].access(peer)
     needed = "read" if request.method in _READ_METHODS else "control"
-    if access == "none" or (needed == "control" and access != "control"):
+    if needed == "control" and access == "read" and request.path in GRANTED_PATHS:
+        request[GRANTED_CALLER] = peer  # the handler checks what this worker was granted
+    elif access == "none" or (needed == "control" and access != "control"):
         logger.warning("control socket: refused {} {} from {} (has {} access, needs {})",
                        request.method, request.path, peer.describe(), access, needed)
         return error_response(403, refusal_message(peer, needed, request.app[ACCESS_KEY]))

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from . import API_PREFIX
+from .demand_routes import DEMAND_ROUTES
 from .responses import json_response
 from .route import Route
 from .routes import ROUTES, ROUTES_KEY
@@ -74,7 +75,7 @@ OPENAPI_ROUTE = Route("GET", "/openapi.json", openapi, "this document", answer={
 
 def builtin_routes() -> list[Route]:
     """The control API's own routes (those plugins add come between these and nothing else)."""
-    return [*ROUTES, OPENAPI_ROUTE]
+    return [*ROUTES, *DEMAND_ROUTES, OPENAPI_ROUTE]
 
 
 def document(routes: list[Route] | None = None) -> dict[str, Any]:

@@ -39,11 +39,13 @@ T = TypeVar("T")
 GONE_CHECK_PERIOD = 0.5
 
 
-def _daemon(request: web.Request) -> Daemon:
+def daemon_of(request: web.Request) -> Daemon:
+    """The daemon the control app serves."""
     return request.app[DAEMON_KEY]  # type: ignore[return-value]
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def body_of(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body ({} when none); 400 when it is not one."""
     if not request.can_read_body:
         return {}
     try:
@@ -59,22 +61,25 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _flag(body: dict[str, Any], key: str) -> bool:
+def flag(body: dict[str, Any], key: str) -> bool:
+    """A boolean of the body (False when absent); 400 when it is not one."""
     value = body.get(key, False)
     if not isinstance(value, bool):
         raise BadRequestError(f"{key!r} must be true or false")
     return value
 
 
-def _names(body: dict[str, Any]) -> tuple[list[str], bool]:
-    unknown = set(body) - {"names", "all", "wait", "rolling"}
+def names_of(body: dict[str, Any], allowed: frozenset[str] | set[str] = frozenset(
+        {"names", "all", "wait", "rolling"})) -> tuple[list[str], bool]:
+    """The body's ``names`` and ``all``; 400 on a key not ``allowed``, or neither given."""
+    unknown = set(body) - allowed
     if unknown:
         raise BadRequestError(f"unknown keys: {', '.join(sorted(unknown))} "
-                              "(known: names, all, wait, rolling)")
+                              f"(known: {', '.join(sorted(allowed))})")
     names = body.get("names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise BadRequestError("'names' must be a list of strings")
-    everything = _flag(body, "all")
+    everything = flag(body, "all")
     if not names and not everything:
         raise BadRequestError("give worker or service names, or all = true")
     return names, everything
@@ -100,7 +105,7 @@ async def version(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """GET /v1/status: ``{"workers": [...]}``, each with ``port_owner``: whether the
     listener on its port is its own (read from /proc now, off the event loop)."""
-    workers = list(_daemon(request).supervisor.workers.values())
+    workers = list(daemon_of(request).supervisor.workers.values())
     answer = [w.to_json() for w in workers]
     for entry, owner in zip(answer, await asyncio.to_thread(port_owners, workers), strict=True):
         entry["port_owner"] = owner
@@ -108,10 +113,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def _act(request: web.Request, action: str) -> web.Response:
-    body = await _body(request)
-    names, everything = _names(body)
-    wait, rolling = _flag(body, "wait"), _flag(body, "rolling")
-    result = await _daemon(request).act(action, names, everything, wait=wait, rolling=rolling)
+    body = await body_of(request)
+    names, everything = names_of(body)
+    wait, rolling = flag(body, "wait"), flag(body, "rolling")
+    result = await daemon_of(request).act(action, names, everything, wait=wait, rolling=rolling)
     return json_response(result)
 
 
@@ -132,16 +137,16 @@ async def restart(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     """POST /v1/reload: the diff applied, or 422 with the config error."""
-    body = await _body(request)
+    body = await body_of(request)
     if body:
         raise BadRequestError("reload takes no parameters; send {} or nothing")
-    ok, result = await _daemon(request).reload()
+    ok, result = await daemon_of(request).reload()
     return json_response(result, 200 if ok else 422)
 
 
 async def plugins(request: web.Request) -> web.Response:
     """GET /v1/plugins."""
-    return json_response({"plugins": [r.to_json() for r in _daemon(request).plugins.records.values()]})
+    return json_response({"plugins": [r.to_json() for r in daemon_of(request).plugins.records.values()]})
 
 
 def caller_gone(request: web.Request) -> bool:
@@ -177,7 +182,7 @@ def _lines_wanted(request: web.Request) -> int:
 async def logs(request: web.Request) -> web.StreamResponse:
     """GET /v1/logs/{name}?n=N&follow=1: recent lines as text, then new ones as they come."""
     name = request.match_info["name"]
-    workers = _daemon(request).supervisor.resolve([name])
+    workers = daemon_of(request).supervisor.resolve([name])
     if len(workers) != 1:
         raise BadRequestError(f"{name!r} has {len(workers)} workers; name one of "
                               + ", ".join(w.name for w in workers))
@@ -204,7 +209,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /v1/events: one JSON object per line for every worker event, until the caller leaves."""
-    daemon = _daemon(request)
+    daemon = daemon_of(request)
     snapshot, follow = _yes(request, "snapshot", False), _yes(request, "follow", True)
     queue = daemon.events.subscribe()
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

@@ -23,6 +23,7 @@ from ..waits import within
 from . import API_PREFIX
 from .access import AccessPolicy, Peer
 from .admission import CappedSockSite, ConnectionGate
+from .demand_routes import DEMAND_ROUTES
 from .guard import ACCESS_KEY, ACTIVE_KEY, MAX_READ_REQUESTS_KEY, MAX_REQUESTS_KEY, guard
 from .openapi import OPENAPI_ROUTE
 from .routes import BODY_TIMEOUT_KEY, DAEMON_KEY, ROUTES, ROUTES_KEY
@@ -105,7 +106,7 @@ def make_app(daemon: Daemon, policy: AccessPolicy, limits: ControlLimits | None 
     app[MAX_READ_REQUESTS_KEY] = limits.max_read_requests
     app[ACTIVE_KEY] = {"n": 0, "control": 0, "read": 0}
     app[BODY_TIMEOUT_KEY] = limits.read_timeout
-    routes = [*ROUTES, *daemon.control_routes(), OPENAPI_ROUTE]
+    routes = [*ROUTES, *DEMAND_ROUTES, *daemon.control_routes(), OPENAPI_ROUTE]
     app[ROUTES_KEY] = routes
     for route in routes:
         app.router.add_route(route.method, API_PREFIX + route.path, route.handler)

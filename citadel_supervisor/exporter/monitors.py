@@ -19,8 +19,12 @@ STARTUP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 class StartupHistogram:
     """Spawn-to-ready times per service, fed by worker events."""
 
-    def __init__(self, buckets: Iterable[float] = STARTUP_BUCKETS):
+    def __init__(self, buckets: Iterable[float] = STARTUP_BUCKETS,
+                 name: str = "citadel_worker_startup_seconds",
+                 help_text: str = "Seconds from a worker's spawn to its first readiness."):
         self.buckets = tuple(sorted(buckets))
+        self.name = name
+        self.help_text = help_text
         self._counts: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
         self._spawned: dict[str, float] = {}  # worker -> time of its last spawn
@@ -46,12 +50,8 @@ class StartupHistogram:
             self._spawned.pop(event.worker, None)
 
     def family(self) -> HistogramMetricFamily:
-        """``citadel_worker_startup_seconds``."""
-        family = HistogramMetricFamily(
-            "citadel_worker_startup_seconds",
-            "Seconds from a worker's spawn to its first readiness.",
-            labels=["service"],
-        )
+        """The histogram (``citadel_worker_startup_seconds`` by default)."""
+        family = HistogramMetricFamily(self.name, self.help_text, labels=["service"])
         for service, counts in sorted(self._counts.items()):
             buckets = [(_le(b), float(c)) for b, c in zip(self.buckets, counts)]
             buckets.append(("+Inf", float(counts[-1])))

@@ -6,7 +6,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import aiohttp
 
 from ..config import ProbeConfig, ProbesConfig, ServiceConfig
 
@@ -42,6 +44,25 @@ class SpawnSpec:
     cwd: Path | None = None
     #: CPUs the worker may run on (its GPUs' NUMA node), or None for any.
     cpu_affinity: set[int] | None = None
+
+
+class SleepControl(Protocol):
+    """How a worker's engine is put to sleep and woken, keeping its process (vLLM's sleep
+    mode): the GPU memory is released while it sleeps. Each call raises ``SleepError``
+    when the worker refuses."""
+
+    #: The sleep level (vLLM: 1 keeps the weights in host memory, 2 drops them).
+    level: int
+
+    async def sleep(self) -> None:
+        """Put the engine to sleep; returns once its memory is released."""
+
+    async def wake(self) -> None:
+        """Wake the engine, and return once it has served a first request again."""
+
+
+class SleepError(RuntimeError):
+    """A worker did not go to sleep or wake as asked; the message says what it answered."""
 
 
 class ServiceType(ABC):
@@ -80,6 +101,20 @@ class ServiceType(ABC):
     def default_probes(self, worker: WorkerInfo) -> ProbesConfig:
         """Probes used when the config gives none; none by default."""
         return ProbesConfig()
+
+    async def before_spawn(self, worker: WorkerInfo) -> None:
+        """Awaited before each spawn, for a slow check the spawn spec depends on (the vLLM
+        type asks its interpreter once whether the build has a sleep mode); nothing by default."""
+
+    def sleep_control(self, worker: WorkerInfo, session: aiohttp.ClientSession) -> SleepControl | None:
+        """How to put the worker to sleep and wake it; None (the default): an idle or evicted
+        worker is stopped, and started again on demand."""
+        return None
+
+    def control_grants(self, worker: WorkerInfo) -> frozenset[str]:
+        """The services this worker may start or wake (``POST /v1/demand``) although it runs
+        inside citadeld's workers (the gateway: its ``on_demand``); none by default."""
+        return frozenset()
 
     def default_gpus(self, config: ServiceConfig) -> str | None:
         """What ``gpus`` means when unset on a host with GPUs: None (unpinned), or ``"auto"``."""

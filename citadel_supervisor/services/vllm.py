@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 from loguru import logger
@@ -28,8 +28,9 @@ from ..exporter.federation.validate import MAX_PAGE_BYTES
 from ..logs.masking import masker
 from ..probes.base import ProbeResult
 from ..process.listeners import port_owner
-from .base import ServiceType, SpawnSpec, WorkerInfo
+from .base import ServiceType, SleepControl, SpawnSpec, WorkerInfo
 from .vllm_metrics import EngineMetrics, read_engine
+from .vllm_sleep import VllmSleep, known_sleep_mode, sleep_mode_available
 
 if TYPE_CHECKING:
     from ..multinode.rank import GroupRank
@@ -66,8 +67,11 @@ _MANAGED_FLAGS = {
     "--disable-access-log-for-endpoints": "access_log_exclude",
     "--data-parallel-size": "data_parallel_size", "-dp": "data_parallel_size",
     "--nnodes": "multinode", "--node-rank": "multinode", "--master-addr": "multinode",
-    "--master-port": "multinode", "--headless": "multinode",
+    "--master-port": "multinode", "--headless": "multinode", "--enable-sleep-mode": "sleep",
 }
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _looks_like_path(model: str) -> bool:
@@ -114,6 +118,12 @@ class VllmConfig(ServiceConfig):
                     "this long (read from vLLM's /metrics: a stalled engine whose /health still "
                     "answers); 0: /health alone")
     startup_timeout: Duration = Field(900.0, gt=0)
+    sleep: Literal[0, 1, 2] = Field(
+        0, description="put idle and evicted workers to sleep instead of stopping them: 1 keeps the "
+                       "weights in host memory, 2 drops them (vLLM's sleep mode; CUDA and ROCm "
+                       "builds; elsewhere they are stopped; docs/on-demand.md)")
+    sleep_timeout: Duration = Field(
+        300.0, gt=0, description="the longest a sleep or a wake (with its first request) may take")
 
     @field_validator("served_model_name")
     @classmethod
@@ -152,6 +162,12 @@ class VllmConfig(ServiceConfig):
             name = flag.split("=", 1)[0]
             if name in _MANAGED_FLAGS:
                 raise ValueError(f"args: {name} is set by the key {_MANAGED_FLAGS[name]!r}; use that instead")
+        if self.sleep and self.host not in _LOOPBACK:
+            raise ValueError(f"sleep = {self.sleep} serves vLLM's development endpoints (/sleep, "
+                             "/wake_up, /collective_rpc) on the worker's port without its API key: "
+                             f"host must be loopback (127.0.0.1), not {self.host!r}")
+        if self.sleep and self.multinode is not None:
+            raise ValueError("sleep is not supported for a multinode group")
         if self.drain_timeout is not None and self.drain_timeout >= self.stop_timeout:
             raise ValueError(f"drain_timeout ({self.drain_timeout:g}s) must be shorter than stop_timeout "
                              f"({self.stop_timeout:g}s), or the drain is cut short by SIGKILL")
@@ -195,6 +211,21 @@ def startup_phase(line: str) -> str | None:
     return None
 
 
+def one_token_request(service: VllmConfig) -> tuple[str, dict[str, object]]:
+    """The smallest real request the worker serves: its path and body (an embedding for a
+    pooling model, else a 1-token completion at temperature 0)."""
+    model = service.model_names()[0]
+    if any("pooling" in a or "embed" in a for a in service.args):
+        return "/v1/embeddings", {"model": model, "input": "ping"}
+    return "/v1/completions", {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}
+
+
+def api_key_header(service: VllmConfig) -> dict[str, str]:
+    """The ``Authorization`` header the worker's ``/v1`` paths need, or none."""
+    key = service.api_key.get_secret_value() if service.api_key else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class InferenceProbe:
     """A real 1-token request: catches an engine that hangs while ``/health`` still answers.
 
@@ -211,17 +242,9 @@ class InferenceProbe:
         self.session = session
         self.host, self.port = service.host, worker.port
         self.tree_pids = worker.tree_pids
-        base = f"http://{service.host}:{worker.port}"
-        embeddings = any("pooling" in a or "embed" in a for a in service.args)
-        model = service.model_names()[0]
-        self.body: dict[str, object]
-        if embeddings:
-            self.url, self.body = base + "/v1/embeddings", {"model": model, "input": "ping"}
-        else:
-            self.url = base + "/v1/completions"
-            self.body = {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}
-        key = service.api_key.get_secret_value() if service.api_key else None
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        path, self.body = one_token_request(service)
+        self.url = f"http://{service.host}:{worker.port}{path}"
+        self.headers = api_key_header(service)
 
     async def check(self) -> ProbeResult:
         """Send the request once, if the port is the worker's (see the class)."""
@@ -333,6 +356,9 @@ class VllmService(ServiceType):
             argv += group_flags(config, rank)
         argv += config.args
         env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", **config.env}
+        if config.sleep and known_sleep_mode(config.python):
+            argv.append("--enable-sleep-mode")
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # serves /sleep and /wake_up (see vllm_sleep)
         if config.api_key is not None:
             env["VLLM_API_KEY"] = config.api_key.get_secret_value()
         return SpawnSpec(argv=argv, env=env, cwd=config.cwd)
@@ -377,6 +403,22 @@ class VllmService(ServiceType):
             liveness=liveness,
             readiness=health.model_copy(update={"failure_threshold": 1}),
         )
+
+    async def before_spawn(self, worker: WorkerInfo) -> None:
+        """With ``sleep`` set, ask the interpreter once whether its build has a sleep mode."""
+        config = worker.config
+        assert isinstance(config, VllmConfig)
+        if config.sleep:
+            await sleep_mode_available(config.python, worker.service)
+
+    def sleep_control(self, worker: WorkerInfo, session: aiohttp.ClientSession) -> SleepControl | None:
+        """vLLM's ``/sleep`` and ``/wake_up``, where ``sleep`` is set and the build has them."""
+        config = worker.config
+        assert isinstance(config, VllmConfig)
+        if not config.sleep or not known_sleep_mode(config.python) or not worker.port:
+            return None
+        return VllmSleep(f"http://{config.host}:{worker.port}", config.sleep, one_token_request(config),
+                         api_key_header(config), session, config.sleep_timeout)
 
     def default_gpus(self, config: ServiceConfig) -> str | None:
         """On a GPU host, an unpinned vLLM would take GPU 0 beside others: allocate instead."""

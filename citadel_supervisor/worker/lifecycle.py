@@ -2,9 +2,11 @@
 
 States (the contract): ``stopped``, ``starting`` (spawned, not yet ready),
 ``running`` (ready), ``backoff`` (waiting to restart), ``stopping``,
-``fatal`` (gave up; a manual start clears it). One task per worker runs the
-lifecycle; ``start``, ``stop`` and ``restart`` only set what is wanted and
-wake it, so every transition happens in one place.
+``fatal`` (gave up; a manual start clears it), and for workers started on
+demand ``idle`` (down until a request wants it) and ``asleep`` (its process
+runs, its engine sleeps). One task per worker runs the lifecycle; ``start``,
+``stop``, ``restart``, ``stop_idle``, ``sleep`` and ``wake`` only set what is
+wanted and wake it, so every transition happens in one place.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..process.listeners import Owner, listening_sockets, port_owner
 from ..process.procstat import ProcStat, process_table
 from ..process.spawn import ExitStatus, ProcessTree, SpawnError, check_port_free, spawn
 from ..process.statefile import StateFile
-from ..services.base import ServiceType, WorkerInfo
+from ..services.base import ServiceType, SleepControl, SleepError, WorkerInfo
 from ..states import WorkerState
 from ..waits import wait_event
 from .forensics import classify
@@ -72,9 +74,9 @@ class WorkerRuntime:
 #: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
 #: it exited with a non-zero code, or a signal killed it (both refined from its last
 #: lines, its cgroup and NVML by ``forensics``: oom, gpu_error, gpu_oom, model, port);
-#: citadeld's own bug.
+#: it did not wake from sleep; citadeld's own bug.
 FAILURE_CAUSES = ("spawn", "startup", "liveness", "stalled", "exit", "signal", "oom", "gpu_error",
-                  "gpu_oom", "model", "port", "internal")
+                  "gpu_oom", "model", "port", "wake", "internal")
 
 
 @dataclass
@@ -114,6 +116,24 @@ class Worker:
         self.probes: dict[str, ProbeRunner] = {}
         #: Set by readers such as the vLLM type: what the worker is doing while it starts.
         self.phase: str | None = None
+        #: Why it is idle or asleep (``"idle for 600s"``, ``"evicted for coder"``), else None.
+        self.down_reason: str | None = None
+        #: When a request last wanted it (monotonic), and how many the gateway has in flight.
+        self.last_used = time.monotonic()
+        self.in_flight = 0
+        #: Seconds its last start (spawn to ready) and its last wake took; what eviction weighs.
+        self.start_seconds: float | None = None
+        self.wake_seconds: float | None = None
+        self.sleeps = 0
+        self.wakes = 0
+        #: Why it goes down into ``idle`` rather than ``stopped`` (not an operator's stop).
+        self._idle_reason: str | None = None
+        self._sleep_reason = ""
+        self._sleep_wanted = asyncio.Event()
+        self._wake_wanted = asyncio.Event()
+        if info.config.start == "on-demand":
+            self._idle_reason = self.down_reason = "on demand: not requested yet"
+            self.state = WorkerState.IDLE
         self._want_up = False
         self._wake = asyncio.Event()
         self._interrupt = asyncio.Event()
@@ -148,10 +168,13 @@ class Worker:
             self._task = asyncio.get_running_loop().create_task(self._lifecycle(), name=self.name)
 
     def start(self) -> None:
-        """Ask for the worker to run; clears ``fatal`` and cuts a backoff short."""
+        """Ask for the worker to run; clears ``fatal``, cuts a backoff short, wakes it from sleep."""
+        self._idle_reason = None
         if self.state == WorkerState.FATAL:
             self.policy.reset()
             self._set_state(WorkerState.STOPPED)
+        if self.state == WorkerState.ASLEEP or self._sleep_wanted.is_set():
+            self.wake()
         if not self._want_up:
             self._spawns_at_start = self._spawns
         self._want_up = True
@@ -161,10 +184,54 @@ class Worker:
         self.run()
 
     def stop(self) -> None:
-        """Ask for the worker to stop (its whole tree)."""
+        """Ask for the worker to stop (its whole tree); it stays ``stopped``, not on demand."""
+        self._idle_reason = None
         self._want_up = False
         self._interrupt.set()
         self._wake.set()
+        if self._task is None and self.state == WorkerState.IDLE:
+            self._set_state(WorkerState.STOPPED)  # never started: no lifecycle task to do it
+
+    def stop_idle(self, reason: str) -> None:
+        """Stop the worker into ``idle``: down for ``reason``, started again on demand."""
+        if self._task is None:
+            return
+        self._idle_reason = reason
+        self._want_up = False
+        self._interrupt.set()
+        self._wake.set()
+
+    def sleep(self, reason: str) -> bool:
+        """Put the running worker's engine to sleep (its type's ``sleep_control``); False when it
+        is not running and ready."""
+        if self.state != WorkerState.RUNNING or not self._want_up:
+            return False
+        self._sleep_reason = reason
+        self._wake_wanted.clear()
+        self._sleep_wanted.set()
+        return True
+
+    def wake(self) -> None:
+        """Wake the worker if it sleeps, or is about to."""
+        self._sleep_wanted.clear()
+        if self.state == WorkerState.ASLEEP:
+            self._wake_wanted.set()
+
+    def used(self, in_flight: int | None = None) -> None:
+        """A request wanted the worker now (``in_flight``: the gateway's count, if it said)."""
+        self.last_used = time.monotonic()
+        if in_flight is not None:
+            self.in_flight = in_flight
+
+    @property
+    def going_down_idle(self) -> bool:
+        """True while it is being stopped into ``idle`` or put to sleep."""
+        return self._want_up is False and self._idle_reason is not None or self._sleep_wanted.is_set()
+
+    @property
+    def idle_for(self) -> float:
+        """Seconds since a request last wanted it."""
+        return time.monotonic() - self.last_used
 
     def restart(self) -> None:
         """Stop the running process (if any) and start a new one."""
@@ -256,8 +323,10 @@ class Worker:
     async def _lifecycle(self) -> None:
         while True:
             if not self._want_up:
-                if self.state not in (WorkerState.STOPPED, WorkerState.FATAL):
-                    self._set_state(WorkerState.STOPPED)
+                down = WorkerState.IDLE if self._idle_reason else WorkerState.STOPPED
+                if self.state not in (down, WorkerState.FATAL):
+                    self.down_reason = self._idle_reason
+                    self._set_state(down, **({"reason": self._idle_reason} if self._idle_reason else {}))
                 await self._wake.wait()
                 self._wake.clear()
                 continue
@@ -357,6 +426,8 @@ class Worker:
 
     async def _run_once(self) -> RunOutcome:
         self._spawns += 1
+        self.down_reason = None
+        await self.service_type.before_spawn(self.info)
         xids_at_spawn = await self._gpu_xids()
         try:
             proc = self._spawn()
@@ -386,17 +457,14 @@ class Worker:
                 if error is not None:
                     failure.set_result((error, "startup"))
                 else:
-                    self._set_state(WorkerState.RUNNING)
-                    self._set_ready(probes.readiness is None or probes.startup is not None)
-                    probe_tasks += self._start_probes(probes.liveness, probes.readiness, failure)
-                    pending: list[asyncio.Future[Any]] = [exit_task, interrupt_task, failure]
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    self.start_seconds = time.monotonic() - self.spawned_at
+                    await self._serve(probes, exit_task, interrupt_task, failure, probe_tasks)
         finally:
             for task in probe_tasks:
                 task.cancel()
             self.probes = {}
         uptime = time.monotonic() - self.spawned_at
-        interrupted = interrupt_task.done() and not exit_task.done()
+        interrupted = self._interrupt.is_set() and not exit_task.done()
         interrupt_task.cancel()
         if not exit_task.done():
             self._set_state(WorkerState.STOPPING)
@@ -427,6 +495,77 @@ class Worker:
                                                  "last_lines": self.last_lines})
         return RunOutcome(failed=failed, uptime=uptime, interrupted=interrupted, reason=reason,
                           cause=cause if failed else "")
+
+    async def _serve(self, probes: Any, exit_task: asyncio.Future[ExitStatus],
+                     interrupt_task: asyncio.Future[Any], failure: asyncio.Future[tuple[str, str]],
+                     probe_tasks: list[asyncio.Task[None]]) -> None:
+        """Running, until the process exits, a probe fails or a request interrupts; asleep
+        and awake again in between, as ``sleep`` and ``wake`` ask."""
+        ends: list[asyncio.Future[Any]] = [exit_task, interrupt_task, failure]
+        while True:
+            self._set_state(WorkerState.RUNNING)
+            self._set_ready(probes.readiness is None or probes.startup is not None)
+            running = self._start_probes(probes.liveness, probes.readiness, failure)
+            probe_tasks += running
+            asked = asyncio.ensure_future(self._sleep_wanted.wait())
+            try:
+                await asyncio.wait([*ends, asked], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                asked.cancel()
+            if any(f.done() for f in ends):
+                return
+            for task in running:
+                task.cancel()
+            self.probes = {}
+            if not await self._sleep_through(ends, failure):
+                return
+
+    async def _until(self, work: Any, ends: list[asyncio.Future[Any]]) -> asyncio.Future[Any] | None:
+        """Run ``work`` until it finishes (its future) or the run ends first (None; cancelled)."""
+        task = asyncio.ensure_future(work)
+        await asyncio.wait([*ends, task], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            return None
+        return task
+
+    async def _sleep_through(self, ends: list[asyncio.Future[Any]],
+                             failure: asyncio.Future[tuple[str, str]]) -> bool:
+        """Put the engine to sleep, wait for a wake and wake it: True once it serves again,
+        False when the run ends meanwhile. A sleep the worker refuses stops it into ``idle``."""
+        reason = self._sleep_reason
+        self._sleep_wanted.clear()
+        self._set_ready(False)
+        control: SleepControl | None = self.service_type.sleep_control(self.info, self.runtime.session)
+        slept = await self._until(control.sleep(), ends) if control is not None else None
+        if slept is None and any(f.done() for f in ends):
+            return False
+        if control is None or slept is None or slept.exception() is not None:
+            why = "its type has no sleep" if control is None or slept is None else str(slept.exception())
+            self._log.error("cannot put it to sleep ({}): stopping it instead", masker.mask(why))
+            self.stop_idle(reason)
+            return False
+        self.sleeps += 1
+        self.down_reason = reason
+        self._set_state(WorkerState.ASLEEP, reason=reason)
+        if await self._until(self._wake_wanted.wait(), ends) is None:
+            return False
+        self._wake_wanted.clear()
+        self._set_state(WorkerState.STARTING, waking=True)
+        self.phase = "waking"
+        started = time.monotonic()
+        woke = await self._until(control.wake(), ends)
+        if woke is None:
+            return False
+        if (exc := woke.exception()) is not None:
+            error = masker.mask(str(exc)) if isinstance(exc, SleepError) else f"{type(exc).__name__}: {exc}"
+            if not failure.done():
+                failure.set_result((f"cannot wake it: {error}", "wake"))
+            return False
+        self.wakes += 1
+        self.wake_seconds = time.monotonic() - started
+        self.down_reason = None
+        return True
 
     async def _recover_from(self, exc: Exception) -> RunOutcome:
         """One run broke on a bug (here or in a plugin's hook): stop the process it started,
@@ -538,7 +677,20 @@ class Worker:
             "last_lines": self.last_lines,
             "phase": self.phase,
             "probes": {role: r.to_json() for role, r in self.probes.items()},
+            "demand": self._demand_json(),
         }
+
+    def _demand_json(self) -> dict[str, Any] | None:
+        """How the worker comes and goes on demand, or None when it always runs."""
+        config = self.info.config
+        sleep = self.service_type.sleep_control(self.info, self.runtime.session) is not None
+        if not config.on_demand and not sleep and self.state not in (WorkerState.IDLE, WorkerState.ASLEEP):
+            return None
+        return {"start": config.start, "idle_stop": config.idle_stop, "swap_group": config.swap_group,
+                "sleep": sleep, "down_reason": self.down_reason,
+                "last_used": time.time() - self.idle_for, "in_flight": self.in_flight,
+                "start_seconds": self.start_seconds, "wake_seconds": self.wake_seconds,
+                "sleeps": self.sleeps, "wakes": self.wakes}
 
 
 def port_owners(workers: Sequence[Worker]) -> list[Owner | None]:

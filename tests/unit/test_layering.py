@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "control.admission", "control.client")),
     ("workers", ("worker", "supervisor")),
     ("parts", ("services", "probes.kinds", "exporter.collectors.processes", "exporter.collectors.host",
-               "exporter.server", "gpu.plugin", "control", "multinode", "ui")),
+               "exporter.server", "gpu.plugin", "control", "multinode", "ui", "demand")),
     ("assembly", ("daemon", "cli")),
 ]
 

@@ -36,7 +36,7 @@ def test_the_states_module_is_a_leaf_and_every_state_has_its_place() -> None:
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert all(name in ("__future__", "enum") for name in imported), imported
-    assert STATE_NAMES == ("stopped", "starting", "running", "backoff", "stopping", "fatal")
+    assert STATE_NAMES == ("stopped", "starting", "running", "backoff", "stopping", "fatal", "idle", "asleep")
     assert [s.value for s in WorkerState] == list(STATE_NAMES) == list(WORKER_STATES)
     assert WORKER_SCHEMA["properties"]["state"]["enum"] == list(STATE_NAMES)
     assert set(_STATE_COLOURS) == set(STATE_NAMES)
