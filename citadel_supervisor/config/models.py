@@ -205,7 +205,7 @@ class ServiceConfig(Model):
         return self
 
     @property
-    def on_demand(self) -> bool:
+    def demand_driven(self) -> bool:
         """True when the worker may be down for want of requests: started on demand, stopped
         or put to sleep when idle, or evicted by a swap group's other members."""
         return self.start == "on-demand" or self.idle_stop > 0 or self.swap_group is not None

@@ -208,7 +208,7 @@ class DemandController:
         """Put ``worker`` to sleep where its type can, else stop it into ``idle``."""
         self.down_kinds[worker.name] = kind
         self._held_since.pop(worker.name, None)
-        if worker.sleep(reason):
+        if worker.can_sleep and worker.sleep(reason):
             logger.bind(worker=worker.name, service=worker.info.service).info("putting it to sleep: {}", reason)
         else:
             worker.stop_idle(reason)

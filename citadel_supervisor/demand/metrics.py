@@ -51,7 +51,7 @@ class DemandCollector:
                                       "Requests the gateway last said it has in flight to the worker.",
                                       labels=labels)
         for w in self.workers:
-            if not w.info.config.on_demand and not w.sleeps and w.state != WorkerState.IDLE:
+            if not w.info.config.demand_driven and not w.sleeps and w.state != WorkerState.IDLE:
                 continue
             key = [w.info.service, w.name]
             sleeps.add_metric(key, float(w.sleeps))

@@ -70,6 +70,9 @@ class WorkerRuntime:
     gpu_inventory: GpuInventory | None = None
 
 
+#: Seconds a gateway's count of requests in flight stands (it reports once a second).
+IN_FLIGHT_FRESH = 5.0
+
 #: Why a run failed, one word each: it could not be spawned; it was not ready within
 #: startup_timeout; its liveness probe failed; the progress probe saw a stalled engine;
 #: it exited with a non-zero code, or a signal killed it (both refined from its last
@@ -120,7 +123,8 @@ class Worker:
         self.down_reason: str | None = None
         #: When a request last wanted it (monotonic), and how many the gateway has in flight.
         self.last_used = time.monotonic()
-        self.in_flight = 0
+        self._in_flight = 0
+        self._in_flight_at = 0.0
         #: Seconds its last start (spawn to ready) and its last wake took; what eviction weighs.
         self.start_seconds: float | None = None
         self.wake_seconds: float | None = None
@@ -201,10 +205,15 @@ class Worker:
         self._interrupt.set()
         self._wake.set()
 
+    @property
+    def can_sleep(self) -> bool:
+        """True when its type can put it to sleep (vLLM's sleep mode, where the build has it)."""
+        return self.service_type.sleep_control(self.info, self.runtime.session) is not None
+
     def sleep(self, reason: str) -> bool:
         """Put the running worker's engine to sleep (its type's ``sleep_control``); False when it
-        is not running and ready."""
-        if self.state != WorkerState.RUNNING or not self._want_up:
+        is not running, or cannot sleep."""
+        if self.state != WorkerState.RUNNING or not self._want_up or not self.can_sleep:
             return False
         self._sleep_reason = reason
         self._wake_wanted.clear()
@@ -221,7 +230,13 @@ class Worker:
         """A request wanted the worker now (``in_flight``: the gateway's count, if it said)."""
         self.last_used = time.monotonic()
         if in_flight is not None:
-            self.in_flight = in_flight
+            self._in_flight, self._in_flight_at = in_flight, self.last_used
+
+    @property
+    def in_flight(self) -> int:
+        """Requests the gateway last said it has in flight to the worker; 0 once that report is
+        older than ``IN_FLIGHT_FRESH`` (a gateway that ended reports nothing more)."""
+        return self._in_flight if time.monotonic() - self._in_flight_at < IN_FLIGHT_FRESH else 0
 
     @property
     def going_down_idle(self) -> bool:
@@ -684,7 +699,7 @@ class Worker:
         """How the worker comes and goes on demand, or None when it always runs."""
         config = self.info.config
         sleep = self.service_type.sleep_control(self.info, self.runtime.session) is not None
-        if not config.on_demand and not sleep and self.state not in (WorkerState.IDLE, WorkerState.ASLEEP):
+        if not config.demand_driven and not sleep and self.state not in (WorkerState.IDLE, WorkerState.ASLEEP):
             return None
         return {"start": config.start, "idle_stop": config.idle_stop, "swap_group": config.swap_group,
                 "sleep": sleep, "down_reason": self.down_reason,

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import errors
 from .balancer import Balancer
 from .config import GatewaySettings
+from .demand import DemandClient
 from .discovery import ControlFeed
 from .forward import ClientGone, Forwarder, ProxiedRequest
 from .keys import ApiKey, KeyRing, bearer_token
@@ -53,22 +54,36 @@ class Gateway:
         self.settings = settings
         self.keys = keys
         self.require_key = settings.require_key if settings.require_key is not None else len(keys) > 0
-        self.table = UpstreamTable(settings.routes)
+        self.table = UpstreamTable(settings.routes, settings.on_demand)
         self.balancer = Balancer(self.table, settings.per_worker_concurrency, settings.queue_size,
-                                 settings.queue_timeout)
+                                 settings.queue_timeout, settings.hold_timeout,
+                                 on_hold=self._on_hold, on_served=self._on_served)
         self.limiter = RateLimiter()
         self.metrics = GatewayMetrics(self.table, self.balancer.queue_depths)
         self.forwarder = Forwarder(settings, self.balancer, self.limiter, self.metrics,
                                    upstream_keys or {})
         self.feed = ControlFeed(control_socket, self.table)
+        self.demand: DemandClient | None = None
 
     async def start(self, app: web.Application) -> None:
-        """Start following citadeld."""
+        """Start following citadeld, and telling it what requests want."""
         self.feed.start()
+        self.demand = DemandClient(self.feed.session, self.table, self.balancer)
+        self.demand.start()
 
     async def stop(self, app: web.Application) -> None:
         """Stop following citadeld."""
+        if self.demand is not None:
+            await self.demand.close()
         await self.feed.close()
+
+    def _on_hold(self, services: list[str]) -> None:
+        self.metrics.held.inc()
+        if self.demand is not None:
+            self.demand.want(services)
+
+    def _on_served(self, model: str, seconds: float) -> None:
+        self.metrics.hold_seconds.labels(model).observe(seconds)
 
     # -- checks -------------------------------------------------------------
 

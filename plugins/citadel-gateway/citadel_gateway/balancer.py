@@ -6,12 +6,19 @@ requests (``QueueFull`` beyond that), for at most ``queue_timeout``
 seconds. A released slot, or a change in the rotation, hands the first
 waiter that can use a free worker its slot. A waiter whose model has no
 worker in rotation any more fails with ``NoUpstream`` at once.
+
+A request for a model whose workers are down for want of requests (or coming
+up) and that this gateway may start (``on_demand``) is *held*: it waits in
+the same queue, for at most ``hold_timeout`` seconds (``HoldTimeout``, a
+503 with ``Retry-After``, beyond), while ``on_hold`` asks citadeld to start
+or wake the services that serve it. It goes on once a worker is in rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from .upstreams import Upstream, UpstreamTable
@@ -29,32 +36,54 @@ class QueueTimeout(Exception):
     """The request waited ``queue_timeout`` seconds without a free worker (429)."""
 
 
+class HoldTimeout(Exception):
+    """The request was held ``hold_timeout`` seconds and no worker for its model came up (503)."""
+
+
 @dataclass
 class _Waiter:
     model: str
     exclude: Collection[str]
     future: asyncio.Future[Upstream]
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    #: Held while a worker for its model comes up (rather than queued for a free slot).
+    held: bool = False
+    since: float = field(default_factory=time.monotonic)
 
 
 class Balancer:
     """Hands out worker slots; every ``acquire`` must be matched by one ``release``."""
 
-    def __init__(self, table: UpstreamTable, per_worker: int, queue_size: int, queue_timeout: float):
+    def __init__(self, table: UpstreamTable, per_worker: int, queue_size: int, queue_timeout: float,
+                 hold_timeout: float = 300.0,
+                 on_hold: Callable[[list[str]], None] | None = None,
+                 on_served: Callable[[str, float], None] | None = None):
+        """``on_hold(services)``: a request is held for these services to come up;
+        ``on_served(model, seconds)``: a held request got its worker after so long."""
         self.table = table
         self.per_worker = per_worker
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
+        self.hold_timeout = hold_timeout
+        self.on_hold = on_hold
+        self.on_served = on_served
         self._waiters: list[_Waiter] = []
         self._turn = 0
+        #: Services a slot was taken on since ``take_used`` last emptied it.
+        self._used: set[str] = set()
         table.on_change(self._dispatch)
 
-    def queue_depths(self) -> dict[str, int]:
-        """Waiting requests by model (for metrics)."""
+    def queue_depths(self, held: bool = False) -> dict[str, int]:
+        """Waiting requests by model (for metrics); ``held``: those held for a start instead."""
         depths: dict[str, int] = {}
         for waiter in self._waiters:
-            depths[waiter.model] = depths.get(waiter.model, 0) + 1
+            if waiter.held == held:
+                depths[waiter.model] = depths.get(waiter.model, 0) + 1
         return depths
+
+    def held_services(self) -> list[str]:
+        """The services held requests wait for (asked for again until one comes up)."""
+        return sorted({s for w in self._waiters if w.held for s in self.table.startable(w.model)})
 
     def _pick(self, model: str, exclude: Collection[str]) -> Upstream | None | bool:
         """A worker with a free slot; None when all are full; False when none is in rotation."""
@@ -62,7 +91,8 @@ class Balancer:
         if exclude:
             candidates = [u for u in candidates if u.name not in exclude]
         if not candidates:
-            return False
+            # None (wait) while a worker this gateway may start is coming up; else False.
+            return None if not exclude and self.table.startable(model) else False
         best: list[Upstream] = []
         least = self.per_worker
         for upstream in candidates:
@@ -85,16 +115,22 @@ class Balancer:
         if picked is False:
             raise NoUpstream(model)
         if isinstance(picked, Upstream):
-            picked.outstanding += 1
+            self._take(picked)
             return picked
         if len(self._waiters) >= self.queue_size:
             raise QueueFull(model)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(model, exclude, loop.create_future())
-        waiter.timer = loop.call_later(self.queue_timeout, self._expire, waiter)
+        held = not self.table.candidates(model)
+        waiter = _Waiter(model, exclude, loop.create_future(), held=held)
+        waiter.timer = loop.call_later(self.hold_timeout if held else self.queue_timeout, self._expire, waiter)
         self._waiters.append(waiter)
+        if held and self.on_hold is not None:
+            self.on_hold(self.table.startable(model))
         try:
-            return await waiter.future
+            upstream = await waiter.future
+            if held and self.on_served is not None:
+                self.on_served(model, time.monotonic() - waiter.since)
+            return upstream
         except asyncio.CancelledError:
             # The client left while waiting; a slot handed over meanwhile goes back.
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
@@ -112,6 +148,15 @@ class Balancer:
             return None
         return picked
 
+    def _take(self, upstream: Upstream) -> None:
+        upstream.outstanding += 1
+        self._used.add(upstream.service)
+
+    def take_used(self) -> set[str]:
+        """The services slots were taken on since the last call (for citadeld's idle clock)."""
+        used, self._used = self._used, set()
+        return used
+
     def release(self, upstream: Upstream) -> None:
         """Give back a slot taken by ``acquire``; the next waiter may take it."""
         upstream.outstanding -= 1
@@ -120,7 +165,7 @@ class Balancer:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
-            waiter.future.set_exception(QueueTimeout(waiter.model))
+            waiter.future.set_exception(HoldTimeout(waiter.model) if waiter.held else QueueTimeout(waiter.model))
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
@@ -135,6 +180,6 @@ class Balancer:
                 waiter.future.set_exception(NoUpstream(waiter.model))
                 self._waiters.remove(waiter)
             elif isinstance(picked, Upstream):
-                picked.outstanding += 1
+                self._take(picked)
                 waiter.future.set_result(picked)
                 self._waiters.remove(waiter)

@@ -56,6 +56,14 @@ class GatewaySettings(Model):
     stream_usage: bool = Field(
         True, description="ask streams for a final usage chunk (stream_options.include_usage)"
     )
+    on_demand: list[str] = Field(
+        default_factory=list,
+        description="services this gateway starts or wakes when a request for their model finds them "
+                    "down (they have start = \"on-demand\", idle_stop, a swap_group or sleep); the only "
+                    "right it has over citadeld (docs/on-demand.md)")
+    hold_timeout: Duration = Field(
+        300.0, gt=0, description="the longest a request waits for its on-demand model to start or wake; "
+                                 "then 503 with Retry-After")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="the gateway process's own log level")
 

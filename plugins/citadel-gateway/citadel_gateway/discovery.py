@@ -63,6 +63,12 @@ class ControlFeed:
         self._refresh_task: asyncio.Task[None] | None = None
         self._dirty = False
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one session on citadeld's control socket (once ``start`` ran)."""
+        assert self._session is not None, "start the feed first"
+        return self._session
+
     def start(self) -> None:
         """Start following citadeld in the background."""
         connector = aiohttp.UnixConnector(path=str(self.socket_path))
@@ -103,7 +109,7 @@ class ControlFeed:
                 logger.warning("control socket {}: the event stream ended", self.socket_path)
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 # ValueError too: whatever the stream holds, the feed must reconnect, never
                 # end and leave the routing table frozen.
                 failures += 1
@@ -143,5 +149,5 @@ class ControlFeed:
                     logger.warning("control socket: /v1/status answered {}: {}", resp.status, data)
                     continue
                 self.table.replace(data.get("workers", []))
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 logger.warning("control socket: cannot read /v1/status: {}", exc)

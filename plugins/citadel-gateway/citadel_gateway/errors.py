@@ -63,9 +63,9 @@ def overloaded(message: str, retry_after: int) -> GatewayError:
     return GatewayError(429, message, "server_overloaded", "queue_full", retry_after=retry_after)
 
 
-def unavailable(message: str, retry_after: int = 1) -> GatewayError:
-    """503: no worker serving the model is ready."""
-    return GatewayError(503, message, "service_unavailable", "no_ready_worker", retry_after=retry_after)
+def unavailable(message: str, retry_after: int = 1, code: str = "no_ready_worker") -> GatewayError:
+    """503: no worker serving the model is ready (``model_starting``: held, and still starting)."""
+    return GatewayError(503, message, "service_unavailable", code, retry_after=retry_after)
 
 
 def bad_gateway(message: str, status: int = 502) -> GatewayError:

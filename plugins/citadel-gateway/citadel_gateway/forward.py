@@ -22,7 +22,7 @@ from aiohttp import web
 from loguru import logger
 
 from . import errors
-from .balancer import Balancer, NoUpstream, QueueFull, QueueTimeout
+from .balancer import Balancer, HoldTimeout, NoUpstream, QueueFull, QueueTimeout
 from .config import GatewaySettings
 from .keys import ApiKey
 from .metrics import GatewayMetrics
@@ -132,6 +132,12 @@ class Forwarder:
             raise errors.overloaded(
                 f"every worker serving {req.model!r} is busy and {self.balancer.queue_size} "
                 "requests are waiting; try again shortly", self.settings.retry_after) from None
+        except HoldTimeout:
+            self.metrics.hold_timeouts.labels(req.model).inc()
+            raise errors.unavailable(
+                f"the model {req.model!r} is starting on demand and was not ready within "
+                f"hold_timeout = {self.balancer.hold_timeout:g}s; try again shortly",
+                self.settings.retry_after, code="model_starting") from None
         except QueueTimeout:
             raise errors.overloaded(
                 f"no worker serving {req.model!r} was free within "

@@ -26,7 +26,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class _LiveState(Collector):
     """Queue depth, in-flight requests and ready workers, read at scrape time."""
 
-    def __init__(self, table: UpstreamTable, queue_depths: Callable[[], dict[str, int]]):
+    def __init__(self, table: UpstreamTable, queue_depths: Callable[..., dict[str, int]]):
         self.table = table
         self.queue_depths = queue_depths
 
@@ -38,6 +38,12 @@ class _LiveState(Collector):
         for model in sorted(set(depths) | set(self.table.routes)):
             queue.add_metric([model], depths.get(model, 0))
         yield queue
+        held = GaugeMetricFamily("gateway_held_requests",
+                                 "Requests held while a worker for their model starts or wakes on demand",
+                                 labels=["model"])
+        for model, depth in sorted(self.queue_depths(True).items()):
+            held.add_metric([model], depth)
+        yield held
         outstanding = GaugeMetricFamily("gateway_outstanding_requests",
                                         "Requests in flight to each worker", labels=["worker"])
         ready = GaugeMetricFamily("gateway_worker_in_rotation",
@@ -52,7 +58,7 @@ class _LiveState(Collector):
 class GatewayMetrics:
     """Every metric of one gateway, in its own registry."""
 
-    def __init__(self, table: UpstreamTable, queue_depths: Callable[[], dict[str, int]]):
+    def __init__(self, table: UpstreamTable, queue_depths: Callable[..., dict[str, int]]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("gateway_requests", "Requests answered, by model, key and status",
@@ -72,4 +78,11 @@ class GatewayMetrics:
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Requests whose client left before the answer ended",
             ["model"], registry=r)
+        self.held = Counter("gateway_held", "Requests held while their model started or woke on demand",
+                            registry=r)
+        self.hold_seconds = Histogram(
+            "gateway_hold_seconds", "From holding a request to a worker for its model coming up", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.hold_timeouts = Counter("gateway_hold_timeouts",
+                                     "Held requests answered 503 after hold_timeout", ["model"], registry=r)
         r.register(_LiveState(table, queue_depths))

@@ -84,6 +84,12 @@ class GatewayService(ServiceType):
         probe = ProbeConfig(kind="http", path="/healthz", period=1.0, timeout=2.0, failure_threshold=3)
         return ProbesConfig(startup=probe.model_copy(update={"period": 0.2}), readiness=probe)
 
+    def control_grants(self, worker: WorkerInfo) -> frozenset[str]:
+        """The one right a gateway has over citadeld: starting and waking its ``on_demand``."""
+        config = worker.config
+        assert isinstance(config, GatewayConfig)
+        return frozenset(config.on_demand)
+
     def metrics_url(self, worker: WorkerInfo) -> str | None:
         """The gateway's own ``/metrics``, for the exporter to federate."""
         config = worker.config
@@ -102,7 +108,8 @@ def citadel_service_types() -> list[ServiceType]:
 
 @hookimpl
 def citadel_check_config(config: CitadelConfig) -> list[ConfigIssue]:
-    """Check that each gateway's routes name services that exist.
+    """Check that each gateway's routes and on_demand name services that exist (those of
+    on_demand: services that come and go).
 
     Also notes the daemon's control socket: a gateway without
     ``control_socket`` follows the daemon that runs it; and registers the keys
@@ -131,4 +138,14 @@ def citadel_check_config(config: CitadelConfig) -> list[ConfigIssue]:
                     path = format_path(("services", name, "routes", model, i))
                     issues.append(ConfigIssue(config.files[0] if config.files else None, path,
                                               "a gateway cannot route to itself"))
+        for i, target in enumerate(service.on_demand):
+            path = format_path(("services", name, "on_demand", i))
+            other = config.services.get(target)
+            if other is None:
+                issues.append(ConfigIssue(config.files[0] if config.files else None, path,
+                                          f"no service named {target!r}"))
+            elif not other.demand_driven and not getattr(other, "sleep", 0):
+                issues.append(ConfigIssue(config.files[0] if config.files else None, path,
+                                          f"{target!r} always runs: give it start = \"on-demand\", "
+                                          "idle_stop, a swap_group or sleep, or leave it out"))
     return issues

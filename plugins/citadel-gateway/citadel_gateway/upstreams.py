@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+#: States of a worker that a request may wait on: down for want of requests, or coming up.
+STARTABLE_STATES = frozenset({"idle", "asleep", "starting", "backoff", "stopping", "running"})
+
 
 @dataclass
 class Upstream:
@@ -73,8 +76,10 @@ class Upstream:
 class UpstreamTable:
     """Every known worker, and the models each serves; tells listeners when it changes."""
 
-    def __init__(self, routes: Mapping[str, Iterable[str]] | None = None):
+    def __init__(self, routes: Mapping[str, Iterable[str]] | None = None, on_demand: Iterable[str] = ()):
+        """``on_demand``: the services this gateway may ask citadeld to start or wake."""
         self.routes = {model: tuple(services) for model, services in (routes or {}).items()}
+        self.on_demand = frozenset(on_demand)
         self.workers: dict[str, Upstream] = {}
         self._serving: dict[str, list[Upstream]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -137,6 +142,15 @@ class UpstreamTable:
         """The workers in rotation that serve ``model``."""
         return [u for u in self._serving.get(model, ()) if u.in_rotation]
 
+    def startable(self, model: str) -> list[str]:
+        """The services of ``on_demand`` serving ``model`` whose workers, none in rotation, are
+        coming up or may be brought up (idle, asleep, starting, backing off, stopping): a
+        request for it is held while citadeld starts one. Empty when none is (stopped by an
+        operator, fatal, or not this gateway's to start)."""
+        return sorted({u.service for u in self._serving.get(model, ())
+                       if u.service in self.on_demand and u.state in STARTABLE_STATES})
+
     def available_models(self) -> list[str]:
-        """The models at least one worker in rotation serves, sorted."""
-        return sorted(m for m, members in self._serving.items() if any(u.in_rotation for u in members))
+        """The models a worker in rotation serves, or one this gateway may start, sorted."""
+        return sorted(m for m, members in self._serving.items()
+                      if any(u.in_rotation for u in members) or self.startable(m))
