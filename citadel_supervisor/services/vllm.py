@@ -120,7 +120,7 @@ class VllmConfig(ServiceConfig):
     startup_timeout: Duration = Field(900.0, gt=0)
     sleep: Literal[0, 1, 2] = Field(
         0, description="put idle and evicted workers to sleep instead of stopping them: 1 keeps the "
-                       "weights in host memory, 2 drops them (vLLM's sleep mode; CUDA and ROCm "
+                       "weights in host memory, 2 drops them (vLLM's sleep mode; CUDA, ROCm and XPU "
                        "builds; elsewhere they are stopped; docs/on-demand.md)")
     sleep_timeout: Duration = Field(
         300.0, gt=0, description="the longest a sleep or a wake (with its first request) may take")

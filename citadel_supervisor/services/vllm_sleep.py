@@ -13,7 +13,7 @@ drops both, so waking reallocates the weights, reloads them from disk
 prefix cache. Either way the worker is awake only once a 1-token request has
 been served, so the first real request does not pay for the warm-up.
 
-Sleep mode exists on CUDA and ROCm builds only (``current_platform.
+Sleep mode exists on CUDA, ROCm and XPU builds only (``current_platform.
 is_sleep_mode_available()``; the CPU build refuses ``--enable-sleep-mode``).
 ``sleep_mode_available`` asks the worker's interpreter once; where the build
 lacks it the worker is stopped and started instead, and the log says so once.
@@ -49,7 +49,7 @@ def _ask(python: str) -> tuple[bool, str]:
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("sleep-mode "):
             answer = line.split()[1] == "True"
-            return answer, "" if answer else "the build has no sleep mode (CUDA and ROCm builds have it)"
+            return answer, "" if answer else "the build has no sleep mode (CUDA, ROCm and XPU builds have it)"
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
     return False, f"{python} could not tell (exit {done.returncode}: {tail})"
 

@@ -19,7 +19,7 @@ from conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_on_demand import CHAT, MODEL_DIR, ask, on_demand_services  # noqa: E402 (the bench's own setup)
+from bench_on_demand import CHAT, MODEL_DIR, ask, on_demand_services
 
 pytestmark = [
     pytest.mark.timeout(900),

@@ -127,7 +127,7 @@ def test_daemon_with_real_plugins(daemon_factory: Any, site: Path, tmp_path: Pat
     # Citadel's own parts are plugins too, listed as built-in:
     builtin = {name for name, p in plugins.items() if p["builtin"]}
     assert builtin == {"command", "vllm", "probes", "processes", "host", "multinode-checks", "gpu", "exporter",
-                       "ui", "multinode"}
+                       "ui", "multinode", "demand"}
     assert all(plugins[name]["status"] == "loaded" for name in builtin)
     assert plugins["gpu"]["hooks"] == ["citadel_before_restart", "citadel_control_routes",
                                        "citadel_scrape_collectors"]

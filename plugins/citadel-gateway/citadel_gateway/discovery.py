@@ -142,12 +142,13 @@ class ControlFeed:
         assert self._session is not None
         while self._dirty:
             self._dirty = False
+            read_from = self.table.events_applied
             try:
                 async with self._session.get("/v1/status", timeout=aiohttp.ClientTimeout(total=10)) as resp:
                     data = await resp.json(content_type=None)
                 if resp.status != 200 or not isinstance(data, dict):
                     logger.warning("control socket: /v1/status answered {}: {}", resp.status, data)
                     continue
-                self.table.replace(data.get("workers", []))
+                self.table.replace(data.get("workers", []), read_from)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 logger.warning("control socket: cannot read /v1/status: {}", exc)

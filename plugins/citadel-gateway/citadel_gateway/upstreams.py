@@ -85,20 +85,27 @@ class UpstreamTable:
         self._listeners: list[Callable[[], None]] = []
         #: True once citadeld's status was read at least once.
         self.loaded = False
+        #: Events applied so far, and the count at each worker's last one.
+        self.events_applied = 0
+        self._event_at: dict[str, int] = {}
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after each change (the balancer re-dispatches its queue)."""
         self._listeners.append(listener)
 
-    def replace(self, entries: Iterable[Mapping[str, Any]]) -> None:
-        """Replace the table with a fresh ``/v1/status``; outstanding counts carry over."""
+    def replace(self, entries: Iterable[Mapping[str, Any]], read_from: int | None = None) -> None:
+        """Replace the table with a fresh ``/v1/status``; outstanding counts carry over.
+        ``read_from``: the ``events_applied`` count when that read began: a worker with an
+        event applied since keeps the event's state and readiness (the read may predate it)."""
         fresh: dict[str, Upstream] = {}
         for entry in entries:
             upstream = Upstream.from_status(entry)
             old = self.workers.get(upstream.name)
             if old is not None and old.base_url == upstream.base_url:
                 # Keep the object: requests in flight hold it and release it later.
-                old.models, old.state, old.ready = upstream.models, upstream.state, upstream.ready
+                if read_from is None or self._event_at.get(old.name, -1) <= read_from:
+                    old.state, old.ready = upstream.state, upstream.ready
+                old.models = upstream.models
                 old.port_owner = upstream.port_owner
                 upstream = old
             fresh[upstream.name] = upstream
@@ -109,8 +116,10 @@ class UpstreamTable:
     def apply_event(self, event: Mapping[str, Any]) -> bool:
         """Apply an event's state and readiness at once; False when the worker is unknown."""
         upstream = self.workers.get(str(event.get("worker")))
+        self.events_applied += 1
         if upstream is None:
             return False
+        self._event_at[upstream.name] = self.events_applied
         state = event.get("state")
         ready = event.get("ready")
         if isinstance(state, str):

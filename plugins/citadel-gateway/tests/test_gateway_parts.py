@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 
 import pytest
-from citadel_gateway.balancer import Balancer, NoUpstream, QueueFull, QueueTimeout
+from citadel_gateway.balancer import Balancer, HoldTimeout, NoUpstream, QueueFull, QueueTimeout
 from citadel_gateway.keys import ApiKey, KeyRing, bearer_token
 from citadel_gateway.ratelimit import RateLimiter, TokenBucket
 from citadel_gateway.upstreams import UpstreamTable
@@ -160,3 +160,58 @@ def test_keys_are_found_by_digest_and_bearer_tokens_parsed() -> None:
     assert key.allows("m") and not key.allows("n")
     assert bearer_token("Bearer  sk-x ") == "sk-x"
     assert bearer_token("Basic abc") is None and bearer_token("Bearer") is None and bearer_token(None) is None
+
+
+def test_a_status_read_older_than_an_event_does_not_undo_it() -> None:
+    table = _table(("a", True))
+    read_from = table.events_applied  # a /v1/status read begins...
+    table.apply_event({"worker": "a", "state": "running", "ready": False})  # ...an event lands
+    table.replace([{"name": "a", "service": "a", "port": 9000, "state": "running", "ready": True}],
+                  read_from)  # ...and the read, older, answers
+    assert not table.workers["a"].ready
+    table.replace([{"name": "a", "service": "a", "port": 9000, "state": "running", "ready": True}],
+                  table.events_applied)  # a read begun after the event counts
+    assert table.workers["a"].ready
+
+
+def _on_demand_table(state: str) -> UpstreamTable:
+    table = UpstreamTable(on_demand=["lazy"])
+    table.replace([{"name": "lazy", "service": "lazy", "port": 1, "models": ["m"], "state": state,
+                    "ready": False}])
+    return table
+
+
+def test_a_request_for_an_idle_on_demand_model_is_held_until_a_worker_is_ready() -> None:
+    async def scenario() -> None:
+        asked: list[list[str]] = []
+        table = _on_demand_table("idle")
+        balancer = Balancer(table, per_worker=1, queue_size=4, queue_timeout=0.01, hold_timeout=30,
+                            on_hold=asked.append)
+        waiter = asyncio.ensure_future(balancer.acquire("m"))
+        await asyncio.sleep(0)
+        assert asked == [["lazy"]] and balancer.queue_depths(True) == {"m": 1}
+        assert balancer.held_services() == ["lazy"]
+        table.apply_event({"worker": "lazy", "state": "starting", "ready": False})
+        await asyncio.sleep(0.05)  # past queue_timeout: a held request waits hold_timeout instead
+        assert not waiter.done()
+        table.apply_event({"worker": "lazy", "state": "running", "ready": True})
+        got = await waiter
+        assert got.name == "lazy" and balancer.take_used() == {"lazy"}
+    asyncio.run(scenario())
+
+
+def test_held_requests_time_out_and_stopped_or_ungranted_models_fail_at_once() -> None:
+    async def scenario() -> None:
+        table = _on_demand_table("idle")
+        balancer = Balancer(table, per_worker=1, queue_size=4, queue_timeout=30, hold_timeout=0.05)
+        with pytest.raises(HoldTimeout):
+            await balancer.acquire("m")
+        table.apply_event({"worker": "lazy", "state": "stopped", "ready": False})
+        with pytest.raises(NoUpstream):  # an operator's stop: nothing to wait for
+            await balancer.acquire("m")
+        ungranted = UpstreamTable()
+        ungranted.replace([{"name": "x", "service": "x", "port": 1, "models": ["m"], "state": "idle",
+                            "ready": False}])
+        with pytest.raises(NoUpstream):
+            await Balancer(ungranted, 1, 4, 30).acquire("m")
+    asyncio.run(scenario())
