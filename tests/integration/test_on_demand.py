@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import urllib.request
 from pathlib import Path
 
 from conftest import free_port, wait_until
@@ -80,7 +81,10 @@ def test_an_operators_stop_is_not_undone_by_demand(daemon_factory):
 
 def test_a_swap_group_evicts_the_least_recently_used(daemon_factory):
     ports = [free_port() for _ in range(3)]
-    daemon = daemon_factory("""
+    exporter = free_port()
+    daemon = daemon_factory(f"""
+        [exporter]
+        listen = "127.0.0.1:{exporter}"
         [swap_groups.gpu0]
         max_running = 2
         """ + _http_service("a", ports[0], 'swap_group = "gpu0"')
@@ -102,6 +106,12 @@ def test_a_swap_group_evicts_the_least_recently_used(daemon_factory):
     evict = wait_until(lambda: next((e for e in map(json.loads, events) if e["kind"] == "evict"), None),
                        what="the evict event")
     assert evict["worker"] == "a" and evict["detail"] == {"group": "gpu0", "for": "c"}
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{exporter}/metrics", timeout=10).read().decode()
+    assert 'citadel_swap_evictions_total{group="gpu0",service="a",worker="a"} 1.0' in metrics
+    assert 'citadel_worker_down_reason{reason="evicted",service="a",worker="a"} 1.0' in metrics
+    assert 'citadel_worker_state{service="a",state="idle",worker="a"} 1.0' in metrics
+    assert 'citadel_demand_starts_total{how="start",service="c",worker="c"} 1.0' in metrics
+    assert 'citadel_demand_ready_seconds_count{service="c"} 1.0' in metrics
     # citadelctl start of an idle member makes room the same way.
     daemon.ctl("start", "a", "--wait")
     after = daemon.status()
