@@ -3,17 +3,21 @@ grant), ``POST /v1/sleep`` and ``POST /v1/wake`` (``citadelctl sleep`` and ``wak
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from loguru import logger
 
-from ..control.access import Peer
 from ..states import WorkerState
+from .access import Peer
 from .guard import GRANTED_CALLER
 from .responses import BadRequestError, error_response, json_response
 from .route import Route
 from .routes import _WORKERS, body_of, daemon_of, flag, names_of
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from ..worker.lifecycle import Worker
 
 _DEMAND_BODY: dict[str, Any] = {
     "type": "object",
@@ -79,32 +83,36 @@ async def demand(request: web.Request) -> web.StreamResponse:
                                        "ready": w.serving} for w in workers]})
 
 
-async def sleep(request: web.Request) -> web.Response:
-    """POST /v1/sleep: put running workers to sleep (stopped into idle where they cannot sleep)."""
+async def _named_workers(request: web.Request) -> tuple[Daemon, list[Worker], bool]:
+    """The daemon, the workers the body names (or all), and whether to wait."""
     body = await body_of(request)
     names, everything = names_of(body, allowed={"names", "all", "wait"})
     daemon = daemon_of(request)
     workers = list(daemon.supervisor.workers.values()) if everything else daemon.supervisor.resolve(names)
+    return daemon, workers, flag(body, "wait")
+
+
+async def sleep(request: web.Request) -> web.Response:
+    """POST /v1/sleep: put running workers to sleep (stopped into idle where they cannot sleep)."""
+    daemon, workers, wait = await _named_workers(request)
     for worker in workers:
         if worker.state == WorkerState.RUNNING:
             daemon.demand.put_down(worker, "put to sleep by citadelctl", "manual")
-    if flag(body, "wait"):
+    if wait:
+        down = {WorkerState.ASLEEP, WorkerState.IDLE, WorkerState.STOPPED, WorkerState.FATAL}
         for worker in workers:
-            await worker.wait_for({WorkerState.ASLEEP, WorkerState.IDLE, WorkerState.STOPPED,
-                                   WorkerState.FATAL}, worker.info.config.stop_timeout + 310)
+            config = worker.info.config
+            await worker.wait_for(down, config.stop_timeout + float(getattr(config, "sleep_timeout", 0)) + 10)
     return json_response({"workers": [w.to_json() for w in workers]})
 
 
 async def wake(request: web.Request) -> web.Response:
     """POST /v1/wake: wake asleep workers, start idle ones (making room in their swap group)."""
-    body = await body_of(request)
-    names, everything = names_of(body, allowed={"names", "all", "wait"})
-    daemon = daemon_of(request)
-    workers = list(daemon.supervisor.workers.values()) if everything else daemon.supervisor.resolve(names)
+    daemon, workers, wait = await _named_workers(request)
     for worker in workers:
         if worker.state in (WorkerState.ASLEEP, WorkerState.IDLE) or worker.going_down_idle:
             daemon.demand.bring_up(worker, by_operator=True)
-    if flag(body, "wait"):
+    if wait:
         for worker in workers:
             await worker.settled(worker.info.config.startup_timeout)
     return json_response({"workers": [w.to_json() for w in workers]})
