@@ -518,6 +518,9 @@ class Worker:
         and awake again in between, as ``sleep`` and ``wake`` ask."""
         ends: list[asyncio.Future[Any]] = [exit_task, interrupt_task, failure]
         while True:
+            # Up (again) counts as used: the requests held for it are about to arrive, and
+            # the idle clock and swap groups must not take it down before they do.
+            self.used()
             self._set_state(WorkerState.RUNNING)
             self._set_ready(probes.readiness is None or probes.startup is not None)
             running = self._start_probes(probes.liveness, probes.readiness, failure)
