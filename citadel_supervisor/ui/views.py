@@ -50,8 +50,9 @@ def page_worker(worker: Worker, logs: bool) -> dict[str, Any]:
     if reason is not None and worker.last_failure not in (None, "exit", "signal"):
         reason = f"{reason} ({worker.last_failure})"  # what the exit alone does not say: (oom)
     entry["last_exit_reason"] = reason
-    if worker.down_reason and status["state"] in ("idle", "asleep"):
-        entry["phase"] = worker.down_reason  # the badge reads "idle (evicted for coder)"
+    down = (status.get("demand") or {}).get("down_reason")
+    if down and status["state"] in ("idle", "asleep"):
+        entry["phase"] = down  # the badge reads "idle (evicted for coder)"
     if logs:
         entry["last_lines"] = page_lines(status.get("last_lines") or [])
     return entry
