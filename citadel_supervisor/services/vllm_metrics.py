@@ -25,10 +25,15 @@ NAMES: dict[str, tuple[str, ...]] = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
     "generation_tokens": ("vllm:generation_tokens",),
     "prompt_tokens": ("vllm:prompt_tokens",),
+    # Tokens looked up in, and found in, the prefix cache (V1 engines; 0.32 has both). The
+    # ``gpu_`` names are V1's first spelling, before the cache stopped being GPU-only.
+    "prefix_cache_queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
 }
 
 #: Meanings whose series are counters (read as NAME or NAME_total).
-COUNTERS = frozenset({"generation_tokens", "prompt_tokens"})
+COUNTERS = frozenset({"generation_tokens", "prompt_tokens", "prefix_cache_queries",
+                      "prefix_cache_hits"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class EngineMetrics:
     kv_cache_usage: float | None
     generation_tokens: float | None
     prompt_tokens: float | None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
 
     @property
     def pending(self) -> float | None:
