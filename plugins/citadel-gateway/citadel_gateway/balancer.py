@@ -1,4 +1,4 @@
-"""Choosing a worker: fewest outstanding requests, a cap per worker, and one bounded queue.
+"""Choosing a worker: the routing policy (``policy.py``), a cap per worker, and one bounded queue.
 
 ``acquire`` returns a worker with a free slot at once when there is one.
 Otherwise the request waits in a FIFO queue of at most ``queue_size``
@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .policy import LEAST_OUTSTANDING, RoutingPolicy
 from .upstreams import Upstream, UpstreamTable
 
 
@@ -35,18 +36,20 @@ class _Waiter:
     exclude: Collection[str]
     future: asyncio.Future[Upstream]
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    affinity: bytes | None = None
 
 
 class Balancer:
     """Hands out worker slots; every ``acquire`` must be matched by one ``release``."""
 
-    def __init__(self, table: UpstreamTable, per_worker: int, queue_size: int, queue_timeout: float):
+    def __init__(self, table: UpstreamTable, per_worker: int, queue_size: int, queue_timeout: float,
+                 policy: RoutingPolicy | None = None):
         self.table = table
         self.per_worker = per_worker
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
+        self.policy = policy or RoutingPolicy(LEAST_OUTSTANDING, per_worker)
         self._waiters: list[_Waiter] = []
-        self._turn = 0
         table.on_change(self._dispatch)
 
     def queue_depths(self) -> dict[str, int]:
@@ -56,32 +59,28 @@ class Balancer:
             depths[waiter.model] = depths.get(waiter.model, 0) + 1
         return depths
 
-    def _pick(self, model: str, exclude: Collection[str]) -> Upstream | None | bool:
-        """A worker with a free slot; None when all are full; False when none is in rotation."""
+    def _candidates(self, model: str, exclude: Collection[str]) -> list[Upstream]:
         candidates = self.table.candidates(model)
-        if exclude:
-            candidates = [u for u in candidates if u.name not in exclude]
+        return [u for u in candidates if u.name not in exclude] if exclude else candidates
+
+    def _pick(self, model: str, exclude: Collection[str],
+              affinity: bytes | None = None) -> Upstream | None | bool:
+        """A worker with a free slot, as the policy chooses; None when all are full; False
+        when none is in rotation."""
+        candidates = self._candidates(model, exclude)
         if not candidates:
             return False
-        best: list[Upstream] = []
-        least = self.per_worker
-        for upstream in candidates:
-            if upstream.outstanding < least:
-                best, least = [upstream], upstream.outstanding
-            elif upstream.outstanding == least and least < self.per_worker:
-                best.append(upstream)
-        if not best:
-            return None
-        # Rotate among equals, so that idle replicas share sequential traffic.
-        self._turn += 1
-        return best[self._turn % len(best)]
+        return self.policy.choose(candidates, affinity)
 
-    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Upstream:
-        """A slot on a worker serving ``model`` (not one named in ``exclude``).
+    async def acquire(self, model: str, exclude: Collection[str] = (),
+                      affinity: bytes | None = None) -> Upstream:
+        """A slot on a worker serving ``model`` (not one named in ``exclude``); ``affinity``:
+        the digest of the prompt's prefix, for prefix affinity.
 
         Raises ``NoUpstream``, ``QueueFull`` or ``QueueTimeout``.
         """
-        picked = self._pick(model, exclude) if not self._waiters else self._pick_behind_queue(model, exclude)
+        picked = (self._pick(model, exclude, affinity) if not self._waiters
+                  else self._pick_behind_queue(model, exclude, affinity))
         if picked is False:
             raise NoUpstream(model)
         if isinstance(picked, Upstream):
@@ -90,7 +89,7 @@ class Balancer:
         if len(self._waiters) >= self.queue_size:
             raise QueueFull(model)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(model, exclude, loop.create_future())
+        waiter = _Waiter(model, exclude, loop.create_future(), affinity=affinity)
         waiter.timer = loop.call_later(self.queue_timeout, self._expire, waiter)
         self._waiters.append(waiter)
         try:
@@ -105,12 +104,13 @@ class Balancer:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    def _pick_behind_queue(self, model: str, exclude: Collection[str]) -> Upstream | None | bool:
+    def _pick_behind_queue(self, model: str, exclude: Collection[str],
+                           affinity: bytes | None) -> Upstream | None | bool:
         """Like ``_pick``, but a newcomer may not overtake a waiter for the same workers."""
-        picked = self._pick(model, exclude)
-        if isinstance(picked, Upstream) and any(w.model == model for w in self._waiters):
-            return None
-        return picked
+        if any(w.model == model for w in self._waiters):
+            # Asked of the table, not the policy: nothing is chosen, so nothing is counted.
+            return None if self._candidates(model, exclude) else False
+        return self._pick(model, exclude, affinity)
 
     def release(self, upstream: Upstream) -> None:
         """Give back a slot taken by ``acquire``; the next waiter may take it."""
@@ -130,7 +130,7 @@ class Balancer:
             if waiter.future.done():
                 self._waiters.remove(waiter)
                 continue
-            picked = self._pick(waiter.model, waiter.exclude)
+            picked = self._pick(waiter.model, waiter.exclude, waiter.affinity)
             if picked is False:
                 waiter.future.set_exception(NoUpstream(waiter.model))
                 self._waiters.remove(waiter)

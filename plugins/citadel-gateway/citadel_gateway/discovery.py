@@ -69,6 +69,12 @@ class ControlFeed:
         self._session = aiohttp.ClientSession(connector=connector, base_url="http://citadel")
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="control-feed")
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one HTTP session on the control socket (other readers of citadeld share it)."""
+        assert self._session is not None, "start() opens the session"
+        return self._session
+
     async def close(self) -> None:
         """Stop following and close the connection."""
         for task in (self._task, self._refresh_task):
