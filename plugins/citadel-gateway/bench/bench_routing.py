@@ -12,9 +12,11 @@ of both, one per policy:
 - ``engine-load``;
 - ``engine-load`` with ``prefix_affinity`` (its defaults).
 
-Replica ``slow`` shares its core with a CPU burner (a process spinning,
-pinned there), so it runs at about half speed (``--no-burner`` leaves it
-alone). Then, in rounds that rotate the order of the three so that they share
+Replica ``slow`` shares its core with ``--burners`` CPU burners (processes
+spinning, pinned there; default 2, so its engine gets about a third of its
+core). Everything else (vLLM's API servers, citadeld, the gateways, this
+client) floats, and so mostly lands on the other core, beside the ``fast``
+engine: ``--burners 0`` shows how even the two are without them. Then, in rounds that rotate the order of the three so that they share
 the machine's noise alike, each gateway gets the same mix: ``--requests``
 chat completions from ``--concurrency`` clients, each with one of
 ``--prefixes`` long system prompts (about 1500 characters; a new set for every
@@ -22,7 +24,8 @@ policy and round, so that no phase finds another's prefixes in the cache) and
 a short question of its own, ``max_tokens`` 16, temperature 0.
 
 Per policy: p50 and p99 latency, throughput (requests over the phases' wall
-time), the share of requests the slowed replica served, and vLLM's own prefix
+time), the share of requests the slowed replica served, each replica's mean
+request time as vLLM measured it (``vllm:e2e_request_latency_seconds``), and vLLM's own prefix
 cache hit rate (``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries``,
 in tokens, the delta over the phases, both replicas together). It prints a
 Markdown table (and JSON with ``--json``); ratios are against least-outstanding.
@@ -100,24 +103,28 @@ def engine_counters(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         page = resp.read().decode(errors="replace")
     engine = read_engine(page)
-    done = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
-               if line.startswith("vllm:request_success_total"))
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                   if line.startswith((name + "{", name + " ")))
+
     return {"queries": engine.prefix_cache_queries or 0.0, "hits": engine.prefix_cache_hits or 0.0,
-            "requests": done}
+            "requests": total("vllm:request_success_total"),
+            "e2e_sum": total("vllm:e2e_request_latency_seconds_sum"),
+            "e2e_count": total("vllm:e2e_request_latency_seconds_count")}
 
 
 class Stack:
     """citadeld with the two replicas and the three gateways, and the burner."""
 
-    def __init__(self, root: Path, burner: bool):
+    def __init__(self, root: Path, burners: int):
         self.root = root
         self.socket = root / "run" / "control.sock"
         ports = free_ports(2 + len(GATEWAYS))
         self.replica_ports = {"fast": ports[0], "slow": ports[1]}
         self.gateway_ports = dict(zip(GATEWAYS, ports[2:], strict=True))
-        self.with_burner = burner
+        self.burner_count = burners
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.burner: subprocess.Popen[bytes] | None = None
+        self.burners: list[subprocess.Popen[bytes]] = []
 
     def config(self) -> str:
         """The citadeld config."""
@@ -171,14 +178,14 @@ class Stack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not every worker was ready in 900 s; see {self.root}")
             time.sleep(1)
-        if self.with_burner:
-            self.burner = subprocess.Popen([sys.executable, "-c", BURNER % 1])  # the slow one's core
+        self.burners = [subprocess.Popen([sys.executable, "-c", BURNER % 1])  # the slow one's core
+                        for _ in range(self.burner_count)]
 
     def stop(self) -> None:
         """Stop the burner and citadeld (which stops its workers)."""
-        if self.burner is not None:
-            self.burner.kill()
-            self.burner.wait()
+        for burner in self.burners:
+            burner.kill()
+            burner.wait()
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGTERM)
             try:
@@ -214,7 +221,8 @@ async def phase(port: int, chats: list[list[dict[str, str]]], concurrency: int,
 def run(args: argparse.Namespace, stack: Stack) -> dict[str, dict[str, Any]]:
     """The rounds; the figures per policy."""
     totals: dict[str, dict[str, Any]] = {
-        p: {"latencies": [], "seconds": 0.0, "queries": 0.0, "hits": 0.0, "slow": 0.0, "served": 0.0}
+        p: {"latencies": [], "seconds": 0.0, "queries": 0.0, "hits": 0.0, "slow": 0.0, "served": 0.0,
+            "e2e": {name: [0.0, 0.0] for name in stack.replica_ports}}
         for p in GATEWAYS}
     # Warm-up: the first requests of a fresh vLLM are slow; each replica gets a few.
     asyncio.run(phase(stack.gateway_ports["least-outstanding"],
@@ -235,6 +243,8 @@ def run(args: argparse.Namespace, stack: Stack) -> dict[str, dict[str, Any]]:
                 t["queries"] += delta["queries"]
                 t["hits"] += delta["hits"]
                 t["served"] += delta["requests"]
+                t["e2e"][name][0] += delta["e2e_sum"]
+                t["e2e"][name][1] += delta["e2e_count"]
                 if name == "slow":
                     t["slow"] += delta["requests"]
             print(f"round {round_no + 1} {policy}: {len(latencies)} requests in {seconds:.1f} s",
@@ -249,6 +259,7 @@ def run(args: argparse.Namespace, stack: Stack) -> dict[str, dict[str, Any]]:
             "throughput_rps": len(lat) / t["seconds"],
             "slow_share": t["slow"] / t["served"] if t["served"] else float("nan"),
             "prefix_hit_rate": t["hits"] / t["queries"] if t["queries"] else float("nan"),
+            "engine_mean_s": {name: (s / n if n else float("nan")) for name, (s, n) in t["e2e"].items()},
         }
     return results
 
@@ -257,26 +268,29 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     """The Markdown table, with ratios against least-outstanding."""
     base = results["least-outstanding"]
     header = ("| policy | requests | p50 (s) | p99 (s) | throughput (req/s) | p50 ratio | p99 ratio | "
-              "throughput ratio | served by the slowed replica | vLLM prefix cache hit rate |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "throughput ratio | served by the slowed replica | vLLM mean request time, fast / slow (s) | "
+              "vLLM prefix cache hit rate |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for policy, r in results.items():
         lines.append(
             f"| {policy} | {r['requests']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
             f"{r['throughput_rps']:.2f} | {r['p50_s'] / base['p50_s']:.2f} | "
             f"{r['p99_s'] / base['p99_s']:.2f} | {r['throughput_rps'] / base['throughput_rps']:.2f} | "
-            f"{r['slow_share']:.0%} | {r['prefix_hit_rate']:.1%} |")
+            f"{r['slow_share']:.0%} | {r['engine_mean_s']['fast']:.2f} / {r['engine_mean_s']['slow']:.2f} | "
+            f"{r['prefix_hit_rate']:.1%} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     """Run the bench; 0 when it ran."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over the three policies")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three policies")
     parser.add_argument("--requests", type=int, default=40, help="requests per policy and round")
     parser.add_argument("--concurrency", type=int, default=4, help="clients at once")
     parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts per phase")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--no-burner", action="store_true", help="leave the slow replica's core alone")
+    parser.add_argument("--burners", type=int, default=2,
+                        help="CPU burners on the slow replica's core (0: leave it alone)")
     parser.add_argument("--json", action="store_true", help="print JSON after the table")
     args = parser.parse_args()
     for needed in (VLLM_PYTHON, CHAT_MODEL):
@@ -284,7 +298,7 @@ def main() -> int:
             print(f"{needed} is missing: run ./scripts/setup-models", file=sys.stderr)
             return 2
     root = Path(tempfile.mkdtemp(prefix="citadel-bench-routing-"))
-    stack = Stack(root, burner=not args.no_burner)
+    stack = Stack(root, burners=args.burners)
     try:
         started = time.monotonic()
         stack.start()
