@@ -13,10 +13,15 @@ of both, one per policy:
 - ``engine-load`` with ``prefix_affinity`` (its defaults).
 
 Replica ``slow`` shares its core with ``--burners`` CPU burners (processes
-spinning, pinned there; default 2, so its engine gets about a third of its
-core). Everything else (vLLM's API servers, citadeld, the gateways, this
-client) floats, and so mostly lands on the other core, beside the ``fast``
-engine: ``--burners 0`` shows how even the two are without them. Then, in rounds that rotate the order of the three so that they share
+spinning, pinned there, at ``--burner-nice``: default one burner at nice -5,
+which leaves the engine about a quarter of its core; a negative nice needs
+root, and without it the burner runs at nice 0 and says so). Once both are
+ready, every thread of each replica's process tree (API server, EngineCore,
+worker) is pinned to its core, not only the engine's OpenMP threads: left
+floating, the API servers and EngineCores crowded onto the burner-free core
+and slowed the ``fast`` replica as much as the burner slowed the other.
+citadeld, the gateways and this client float. The run prints each replica's
+CPU binding, read from ``/proc``. Then, in rounds that rotate the order of the three so that they share
 the machine's noise alike, each gateway gets the same mix: ``--requests``
 chat completions from ``--concurrency`` clients, each with one of
 ``--prefixes`` long system prompts (about 1500 characters; a new set for every
@@ -68,7 +73,16 @@ GATEWAYS = {
 WORDS = ["harbour", "tide", "anchor", "gull", "lantern", "keel", "compass", "reef", "current",
          "voyage", "sail", "beacon", "ridge", "valley", "meadow", "orchard", "river", "stone", "ember",
          "glacier", "canyon", "prairie", "summit", "thicket"]
-BURNER = "import os\nos.sched_setaffinity(0, {%d})\nwhile True:\n    pass\n"
+BURNER = """\
+import os, sys
+os.sched_setaffinity(0, {%d})
+try:
+    os.nice(%d)
+except PermissionError:
+    print("burner: cannot lower its nice value (not root): it runs at nice 0", file=sys.stderr)
+while True:
+    pass
+"""
 
 
 def system_prompt(rng: random.Random) -> str:
@@ -113,16 +127,30 @@ def engine_counters(port: int) -> dict[str, float]:
             "e2e_count": total("vllm:e2e_request_latency_seconds_count")}
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 class Stack:
     """citadeld with the two replicas and the three gateways, and the burner."""
 
-    def __init__(self, root: Path, burners: int):
+    def __init__(self, root: Path, burners: int, burner_nice: int):
         self.root = root
         self.socket = root / "run" / "control.sock"
         ports = free_ports(2 + len(GATEWAYS))
         self.replica_ports = {"fast": ports[0], "slow": ports[1]}
         self.gateway_ports = dict(zip(GATEWAYS, ports[2:], strict=True))
         self.burner_count = burners
+        self.burner_nice = burner_nice
         self.daemon: subprocess.Popen[bytes] | None = None
         self.burners: list[subprocess.Popen[bytes]] = []
 
@@ -178,8 +206,43 @@ class Stack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not every worker was ready in 900 s; see {self.root}")
             time.sleep(1)
-        self.burners = [subprocess.Popen([sys.executable, "-c", BURNER % 1])  # the slow one's core
-                        for _ in range(self.burner_count)]
+        self.pin()
+        self.burners = [subprocess.Popen([sys.executable, "-c", BURNER % (1, self.burner_nice)])
+                        for _ in range(self.burner_count)]  # on the slow one's core
+
+    def pin(self) -> None:
+        """Pin every thread of each replica's process tree to its core (``fast`` 0, ``slow`` 1)."""
+        client = ControlClient(str(self.socket))
+        cores = {name: core for core, name in enumerate(self.replica_ports)}
+        for worker in client.call("GET", "/v1/status")["workers"]:
+            if worker["name"] not in cores or not worker["pid"]:
+                continue
+            for pid in tree(worker["pid"]):
+                for task in Path(f"/proc/{pid}/task").glob("*"):
+                    try:
+                        os.sched_setaffinity(int(task.name), {cores[worker["name"]]})
+                    except OSError:
+                        continue  # a thread that ended meanwhile
+
+    def bindings(self) -> dict[str, str]:
+        """Each replica's engine threads' CPUs (``Cpus_allowed_list``, from /proc), by replica."""
+        client = ControlClient(str(self.socket))
+        found = {}
+        for worker in client.call("GET", "/v1/status")["workers"]:
+            if worker["name"] not in self.replica_ports or not worker["pid"]:
+                continue
+            cpus: dict[str, int] = {}
+            for pid in tree(worker["pid"]):
+                for status in Path(f"/proc/{pid}/task").glob("*/status"):
+                    try:
+                        line = next(x for x in status.read_text().splitlines()
+                                    if x.startswith("Cpus_allowed_list:"))
+                    except (OSError, StopIteration):
+                        continue
+                    key = line.split(":", 1)[1].strip()
+                    cpus[key] = cpus.get(key, 0) + 1
+            found[worker["name"]] = ", ".join(f"{n} threads on CPUs {k}" for k, n in sorted(cpus.items()))
+        return found
 
     def stop(self) -> None:
         """Stop the burner and citadeld (which stops its workers)."""
@@ -289,8 +352,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="clients at once")
     parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts per phase")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--burners", type=int, default=2,
+    parser.add_argument("--burners", type=int, default=1,
                         help="CPU burners on the slow replica's core (0: leave it alone)")
+    parser.add_argument("--burner-nice", type=int, default=-5,
+                        help="the burners' nice value (negative: more of the core; needs root)")
     parser.add_argument("--json", action="store_true", help="print JSON after the table")
     args = parser.parse_args()
     for needed in (VLLM_PYTHON, CHAT_MODEL):
@@ -298,11 +363,13 @@ def main() -> int:
             print(f"{needed} is missing: run ./scripts/setup-models", file=sys.stderr)
             return 2
     root = Path(tempfile.mkdtemp(prefix="citadel-bench-routing-"))
-    stack = Stack(root, burners=args.burners)
+    stack = Stack(root, burners=args.burners, burner_nice=args.burner_nice)
     try:
         started = time.monotonic()
         stack.start()
         print(f"ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        for name, cpus in stack.bindings().items():
+            print(f"{name}: {cpus}", file=sys.stderr)
         results = run(args, stack)
     finally:
         stack.stop()

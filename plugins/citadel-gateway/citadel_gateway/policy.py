@@ -6,17 +6,19 @@ slow worker's requests finish later and so count longer.
 
 ``engine-load``: each worker scores::
 
-    score = max(o, r + w) + w + 4 * kv
+    score = o + w + 4 * kv
 
-where ``o`` is the gateway's own requests in flight to it, ``r`` and ``w``
-the engine's running and waiting requests and ``kv`` its KV-cache use (0 to
-1), as citadeld last read them. ``max(o, r + w)`` is the work on the
-engine: the gateway's own count reacts at once, between readings, and the
-engine's count also holds what other clients sent it; taking the larger
-does not count this gateway's requests twice. A waiting request counts once
-more (the engine is saturated: another request only queues), and a full KV
-cache counts as 4 requests (vLLM preempts running requests then). The
-lowest score wins. When any candidate has no fresh reading (older than
+where ``o`` is the gateway's own requests in flight to it, ``w`` the
+engine's waiting requests and ``kv`` its KV-cache use (0 to 1), as citadeld
+last read them. ``o`` is exact and reacts at once, between readings; the
+engine adds what only it knows: that it is saturated (a queue: another
+request would only wait, whoever sent the ones before) and how full its
+cache is (a full KV cache counts as 4 requests: vLLM preempts running
+requests then). The engine's running count is left out on purpose: a
+reading is up to a second old, and counting its running requests (as
+``max(o, r + w)``, the first version) charged a fast worker for requests it
+had already finished, which sent more traffic to the slow one (the
+benchmark in docs/benchmarks.md). The lowest score wins. When any candidate has no fresh reading (older than
 ``engine_load.stale_after``), all are compared by ``o`` alone, as in
 least-outstanding, so that a worker without a reading is neither favoured
 nor shunned.
@@ -58,8 +60,7 @@ def _no_samples(worker: str) -> EngineSample | None:
 
 def engine_score(outstanding: int, sample: EngineSample) -> float:
     """The engine-load score of a worker (lower is better); see the module's docstring."""
-    return max(float(outstanding), sample.running + sample.waiting) + sample.waiting \
-        + KV_WEIGHT * sample.kv_cache_usage
+    return outstanding + sample.waiting + KV_WEIGHT * sample.kv_cache_usage
 
 
 class RoutingPolicy:

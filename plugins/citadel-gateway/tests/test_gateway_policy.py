@@ -44,9 +44,9 @@ def _sample(waiting: float = 0, running: float = 0, kv: float = 0, at: float = 1
 # -- engine-load ---------------------------------------------------------------
 
 
-def test_the_score_counts_the_larger_of_the_two_counts_and_waiting_once_more() -> None:
-    assert engine_score(2, _sample(running=1)) == 2  # the gateway's count, newer than the reading
-    assert engine_score(1, _sample(running=3, waiting=2)) == 5 + 2  # others' requests count too
+def test_the_score_adds_the_engines_queue_and_cache_to_the_gateways_count() -> None:
+    assert engine_score(2, _sample(running=5)) == 2  # running: the reading is older than the count
+    assert engine_score(1, _sample(running=3, waiting=2)) == 1 + 2  # a queue, whoever filled it
     assert engine_score(0, _sample(kv=1.0)) == 4  # a full KV cache weighs 4 requests
 
 
