@@ -1,39 +1,42 @@
 #!/usr/bin/env python3
 """The gateway's routing policies side by side, in front of two real vLLM replicas on the CPU.
 
-    .venv/bin/python plugins/citadel-gateway/bench/bench_routing.py [--rounds 2] [--requests 40]
+    .venv/bin/python plugins/citadel-gateway/bench/bench_routing.py [--rounds 3] [--requests 40] [--json]
 
 One run starts a real citadeld (in a temp folder) with two vLLM workers of
-SmolLM2-135M (``var/models``, ``.venv-vllm``: ``scripts/setup-models``), each
-bound to one core (``VLLM_CPU_OMP_THREADS_BIND``), and three gateways in front
-of both, one per policy:
+SmolLM2-135M (``var/models``, ``.venv-vllm``: ``scripts/setup-models``;
+``CITADEL_MODEL_DIR`` and ``CITADEL_VLLM_PYTHON`` point elsewhere), each bound
+to one core, and three gateways in front of both, one per policy:
 
 - ``least-outstanding`` (the default);
 - ``engine-load``;
 - ``engine-load`` with ``prefix_affinity`` (its defaults).
 
-Replica ``slow`` shares its core with ``--burners`` CPU burners (processes
-spinning, pinned there, at ``--burner-nice``: default one burner at nice -5,
-which leaves the engine about a quarter of its core; a negative nice needs
-root, and without it the burner runs at nice 0 and says so). Once both are
-ready, every thread of each replica's process tree (API server, EngineCore,
-worker) is pinned to its core, not only the engine's OpenMP threads: left
-floating, the API servers and EngineCores crowded onto the burner-free core
-and slowed the ``fast`` replica as much as the burner slowed the other.
-citadeld, the gateways and this client float. The run prints each replica's
-CPU binding, read from ``/proc``. Then, in rounds that rotate the order of the three so that they share
-the machine's noise alike, each gateway gets the same mix: ``--requests``
-chat completions from ``--concurrency`` clients, each with one of
-``--prefixes`` long system prompts (about 1500 characters; a new set for every
-policy and round, so that no phase finds another's prefixes in the cache) and
-a short question of its own, ``max_tokens`` 16, temperature 0.
+Once both replicas are ready, every thread of each one's process tree (API
+server, EngineCore, worker) is pinned to its core, ``fast`` to CPU 0 and
+``slow`` to CPU 1: binding only the engine's OpenMP threads
+(``VLLM_CPU_OMP_THREADS_BIND``, also set) left the API servers and EngineCores
+floating onto the other core, where they slowed ``fast`` as much as the burner
+slowed ``slow``. Then ``--burners`` CPU burners (default one) spin on CPU 1 at
+``--burner-nice`` (default -5, which leaves the engine about a quarter of the
+core; a negative nice needs root, and without it a burner runs at nice 0 and
+says so). citadeld, the gateways and this client float. The run prints each
+replica's CPU binding, read from ``/proc``.
+
+Then, in rounds that rotate the order of the three so that they share the
+machine's noise alike, each gateway gets the same mix: ``--requests`` chat
+completions from ``--concurrency`` clients, each with one of ``--prefixes``
+long system prompts (about 1500 characters; a new set for every policy and
+round, so that no phase finds another's prefixes in the cache) and a short
+question of its own, ``max_tokens`` 16, temperature 0.
 
 Per policy: p50 and p99 latency, throughput (requests over the phases' wall
 time), the share of requests the slowed replica served, each replica's mean
-request time as vLLM measured it (``vllm:e2e_request_latency_seconds``), and vLLM's own prefix
-cache hit rate (``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries``,
-in tokens, the delta over the phases, both replicas together). It prints a
-Markdown table (and JSON with ``--json``); ratios are against least-outstanding.
+request time as vLLM measured it (``vllm:e2e_request_latency_seconds``), and
+vLLM's own prefix cache hit rate (``vllm:prefix_cache_hits`` over
+``vllm:prefix_cache_queries``, in tokens, the delta over the phases, both
+replicas together). It prints a Markdown table (and JSON with ``--json``);
+ratios are against least-outstanding. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
