@@ -6,11 +6,12 @@
 One run starts a real citadeld (in a temp folder) with two vLLM workers of
 SmolLM2-135M (``var/models``, ``.venv-vllm``: ``scripts/setup-models``;
 ``CITADEL_MODEL_DIR`` and ``CITADEL_VLLM_PYTHON`` point elsewhere), each bound
-to one core, and three gateways in front of both, one per policy:
+to one core, and four gateways in front of both, one per policy:
 
 - ``least-outstanding`` (the default);
 - ``engine-load``;
-- ``engine-load`` with ``prefix_affinity`` (its defaults).
+- ``engine-load`` with ``prefix_affinity`` (its defaults);
+- the same with ``slack = 1``: affinity gives way sooner to a busier worker.
 
 Once both replicas are ready, every thread of each one's process tree (API
 server, EngineCore, worker) is pinned to its core, ``fast`` to CPU 0 and
@@ -23,7 +24,7 @@ core; a negative nice needs root, and without it a burner runs at nice 0 and
 says so). citadeld, the gateways and this client float. The run prints each
 replica's CPU binding, read from ``/proc``.
 
-Then, in rounds that rotate the order of the three so that they share the
+Then, in rounds that rotate the order of the four so that they share the
 machine's noise alike, each gateway gets the same mix: ``--requests`` chat
 completions from ``--concurrency`` clients, each with one of ``--prefixes``
 long system prompts (about 1500 characters; a new set for every policy and
@@ -72,6 +73,7 @@ GATEWAYS = {
     "least-outstanding": 'policy = "least-outstanding"',
     "engine-load": 'policy = "engine-load"',
     "engine-load + affinity": 'policy = "engine-load"\nprefix_affinity = {}',
+    "engine-load + affinity, slack 1": 'policy = "engine-load"\nprefix_affinity = { slack = 1 }',
 }
 WORDS = ["harbour", "tide", "anchor", "gull", "lantern", "keel", "compass", "reef", "current",
          "voyage", "sail", "beacon", "ridge", "valley", "meadow", "orchard", "river", "stone", "ember",
@@ -144,7 +146,7 @@ def tree(pid: int) -> list[int]:
 
 
 class Stack:
-    """citadeld with the two replicas and the three gateways, and the burner."""
+    """citadeld with the two replicas and the four gateways, and the burner."""
 
     def __init__(self, root: Path, burners: int, burner_nice: int):
         self.root = root
@@ -350,7 +352,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 def main() -> int:
     """Run the bench; 0 when it ran."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three policies")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the policies")
     parser.add_argument("--requests", type=int, default=40, help="requests per policy and round")
     parser.add_argument("--concurrency", type=int, default=4, help="clients at once")
     parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts per phase")
