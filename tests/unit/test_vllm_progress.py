@@ -31,7 +31,15 @@ vllm:generation_tokens_total{model_name="m"} 40.0
 def test_a_real_vllm_0_32_page_is_read_by_meaning() -> None:
     engine = read_engine((FIXTURES / "vllm_metrics.txt").read_text())
     assert engine == EngineMetrics(requests_running=0.0, requests_waiting=0.0, kv_cache_usage=0.0,
-                                   generation_tokens=62.0, prompt_tokens=152.0)
+                                   generation_tokens=62.0, prompt_tokens=152.0,
+                                   prefix_cache_queries=152.0, prefix_cache_hits=0.0)
+
+
+def test_the_first_v1_prefix_cache_names_are_read_too() -> None:
+    page = ('vllm:gpu_prefix_cache_queries_total{engine="0"} 64.0\n'
+            'vllm:gpu_prefix_cache_hits_total{engine="0"} 48.0\n')
+    engine = read_engine(page)
+    assert (engine.prefix_cache_queries, engine.prefix_cache_hits) == (64.0, 48.0)
 
 
 def test_the_v0_names_give_the_same_meanings() -> None:

@@ -21,13 +21,16 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import errors
+from .affinity import prefix_key, prompt_prefix
 from .balancer import Balancer
 from .config import GatewaySettings
 from .demand import DemandClient
 from .discovery import ControlFeed
+from .engine_load import EngineLoadFeed
 from .forward import ClientGone, Forwarder, ProxiedRequest
 from .keys import ApiKey, KeyRing, bearer_token
 from .metrics import GatewayMetrics
+from .policy import ENGINE_LOAD, RoutingPolicy
 from .ratelimit import RateLimiter, estimate_tokens
 from .upstreams import UpstreamTable
 
@@ -55,26 +58,38 @@ class Gateway:
         self.keys = keys
         self.require_key = settings.require_key if settings.require_key is not None else len(keys) > 0
         self.table = UpstreamTable(settings.routes, settings.on_demand)
+        self.engines = EngineLoadFeed(settings.engine_load.poll_period, settings.engine_load.stale_after)
+        self.policy = RoutingPolicy(settings.policy, settings.per_worker_concurrency,
+                                    self.engines.sample, settings.prefix_affinity)
         self.balancer = Balancer(self.table, settings.per_worker_concurrency, settings.queue_size,
-                                 settings.queue_timeout, settings.hold_timeout,
+                                 settings.queue_timeout, self.policy, settings.hold_timeout,
                                  on_hold=self._on_hold, on_served=self._on_served)
         self.limiter = RateLimiter()
-        self.metrics = GatewayMetrics(self.table, self.balancer.queue_depths)
+        self.metrics = GatewayMetrics(self.table, self.balancer.queue_depths, self.policy, self.engines)
         self.forwarder = Forwarder(settings, self.balancer, self.limiter, self.metrics,
                                    upstream_keys or {})
         self.feed = ControlFeed(control_socket, self.table)
         self.demand: DemandClient | None = None
 
+    @property
+    def reads_engines(self) -> bool:
+        """True when routing uses the engines' own load (the policy, or affinity's overload check)."""
+        return self.settings.policy == ENGINE_LOAD or self.settings.prefix_affinity is not None
+
     async def start(self, app: web.Application) -> None:
-        """Start following citadeld, and telling it what requests want."""
+        """Start following citadeld, telling it what requests want, and reading the engines'
+        load when routing uses it."""
         self.feed.start()
         self.demand = DemandClient(self.feed.session, self.table, self.balancer)
         self.demand.start()
+        if self.reads_engines:
+            self.engines.start(self.feed.session)
 
     async def stop(self, app: web.Application) -> None:
         """Stop following citadeld."""
         if self.demand is not None:
             await self.demand.close()
+        await self.engines.close()
         await self.feed.close()
 
     def _on_hold(self, services: list[str]) -> None:
@@ -156,7 +171,8 @@ class Gateway:
                                                  "include_usage": True}
                     body = json.dumps(payload).encode()
                     strip_usage = True
-            req = ProxiedRequest(path, body, model, key, stream, strip_usage, estimate)
+            req = ProxiedRequest(path, body, model, key, stream, strip_usage, estimate,
+                                 self._affinity(path, payload))
             try:
                 return await self.forwarder.forward(request, req)
             except errors.GatewayError:
@@ -166,6 +182,14 @@ class Gateway:
                     self.limiter.settle(key, estimate, 0)
                 raise
         return handle
+
+    def _affinity(self, path: str, payload: dict[str, object]) -> bytes | None:
+        """The digest of the prompt's prefix when prefix affinity is on and the prompt is long enough."""
+        settings = self.settings.prefix_affinity
+        if settings is None:
+            return None
+        prefix = prompt_prefix(path, payload, settings.prefix_chars)
+        return prefix_key(prefix) if prefix is not None else None
 
     def _models_for(self, key: ApiKey | None) -> list[str]:
         models = self.table.available_models()

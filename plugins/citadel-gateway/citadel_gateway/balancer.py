@@ -1,4 +1,4 @@
-"""Choosing a worker: fewest outstanding requests, a cap per worker, and one bounded queue.
+"""Choosing a worker: the routing policy (``policy.py``), a cap per worker, and one bounded queue.
 
 ``acquire`` returns a worker with a free slot at once when there is one.
 Otherwise the request waits in a FIFO queue of at most ``queue_size``
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from .policy import LEAST_OUTSTANDING, RoutingPolicy
 from .upstreams import Upstream, UpstreamTable
 
 
@@ -49,13 +50,14 @@ class _Waiter:
     #: Held while a worker for its model comes up (rather than queued for a free slot).
     held: bool = False
     since: float = field(default_factory=time.monotonic)
+    affinity: bytes | None = None
 
 
 class Balancer:
     """Hands out worker slots; every ``acquire`` must be matched by one ``release``."""
 
     def __init__(self, table: UpstreamTable, per_worker: int, queue_size: int, queue_timeout: float,
-                 hold_timeout: float = 300.0,
+                 policy: RoutingPolicy | None = None, hold_timeout: float = 300.0,
                  on_hold: Callable[[list[str]], None] | None = None,
                  on_served: Callable[[str, float], None] | None = None):
         """``on_hold(services)``: a request is held for these services to come up;
@@ -67,8 +69,8 @@ class Balancer:
         self.hold_timeout = hold_timeout
         self.on_hold = on_hold
         self.on_served = on_served
+        self.policy = policy or RoutingPolicy(LEAST_OUTSTANDING, per_worker)
         self._waiters: list[_Waiter] = []
-        self._turn = 0
         #: Services a slot was taken on since ``take_used`` last emptied it.
         self._used: set[str] = set()
         table.on_change(self._dispatch)
@@ -85,33 +87,33 @@ class Balancer:
         """The services held requests wait for (asked for again until one comes up)."""
         return sorted({s for w in self._waiters if w.held for s in self.table.startable(w.model)})
 
-    def _pick(self, model: str, exclude: Collection[str]) -> Upstream | None | bool:
-        """A worker with a free slot; None when all are full; False when none is in rotation."""
+    def _candidates(self, model: str, exclude: Collection[str]) -> list[Upstream]:
         candidates = self.table.candidates(model)
-        if exclude:
-            candidates = [u for u in candidates if u.name not in exclude]
+        return [u for u in candidates if u.name not in exclude] if exclude else candidates
+
+    def _pick(self, model: str, exclude: Collection[str],
+              affinity: bytes | None = None) -> Upstream | None | bool:
+        """A worker with a free slot, as the policy chooses; None when all are full; False
+        when none is in rotation."""
+        candidates = self._candidates(model, exclude)
         if not candidates:
             # None (wait) while a worker this gateway may start is coming up; else False.
-            return None if not exclude and self.table.startable(model) else False
-        best: list[Upstream] = []
-        least = self.per_worker
-        for upstream in candidates:
-            if upstream.outstanding < least:
-                best, least = [upstream], upstream.outstanding
-            elif upstream.outstanding == least and least < self.per_worker:
-                best.append(upstream)
-        if not best:
-            return None
-        # Rotate among equals, so that idle replicas share sequential traffic.
-        self._turn += 1
-        return best[self._turn % len(best)]
+            return None if self._holdable(model, exclude) else False
+        return self.policy.choose(candidates, affinity)
 
-    async def acquire(self, model: str, exclude: Collection[str] = ()) -> Upstream:
-        """A slot on a worker serving ``model`` (not one named in ``exclude``).
+    def _holdable(self, model: str, exclude: Collection[str]) -> bool:
+        """True when a request for ``model`` may wait for a worker this gateway may start."""
+        return not exclude and bool(self.table.startable(model))
 
-        Raises ``NoUpstream``, ``QueueFull`` or ``QueueTimeout``.
+    async def acquire(self, model: str, exclude: Collection[str] = (),
+                      affinity: bytes | None = None) -> Upstream:
+        """A slot on a worker serving ``model`` (not one named in ``exclude``); ``affinity``:
+        the digest of the prompt's prefix, for prefix affinity.
+
+        Raises ``NoUpstream``, ``QueueFull``, ``QueueTimeout`` or ``HoldTimeout``.
         """
-        picked = self._pick(model, exclude) if not self._waiters else self._pick_behind_queue(model, exclude)
+        picked = (self._pick(model, exclude, affinity) if not self._waiters
+                  else self._pick_behind_queue(model, exclude, affinity))
         if picked is False:
             raise NoUpstream(model)
         if isinstance(picked, Upstream):
@@ -121,7 +123,7 @@ class Balancer:
             raise QueueFull(model)
         loop = asyncio.get_running_loop()
         held = not self.table.candidates(model)
-        waiter = _Waiter(model, exclude, loop.create_future(), held=held)
+        waiter = _Waiter(model, exclude, loop.create_future(), held=held, affinity=affinity)
         waiter.timer = loop.call_later(self.hold_timeout if held else self.queue_timeout, self._expire, waiter)
         self._waiters.append(waiter)
         if held and self.on_hold is not None:
@@ -141,12 +143,13 @@ class Balancer:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    def _pick_behind_queue(self, model: str, exclude: Collection[str]) -> Upstream | None | bool:
+    def _pick_behind_queue(self, model: str, exclude: Collection[str],
+                           affinity: bytes | None) -> Upstream | None | bool:
         """Like ``_pick``, but a newcomer may not overtake a waiter for the same workers."""
-        picked = self._pick(model, exclude)
-        if isinstance(picked, Upstream) and any(w.model == model for w in self._waiters):
-            return None
-        return picked
+        if any(w.model == model for w in self._waiters):
+            # Asked of the table, not the policy: nothing is chosen, so nothing is counted.
+            return None if self._candidates(model, exclude) or self._holdable(model, exclude) else False
+        return self._pick(model, exclude, affinity)
 
     def _take(self, upstream: Upstream) -> None:
         upstream.outstanding += 1
@@ -175,7 +178,7 @@ class Balancer:
             if waiter.future.done():
                 self._waiters.remove(waiter)
                 continue
-            picked = self._pick(waiter.model, waiter.exclude)
+            picked = self._pick(waiter.model, waiter.exclude, waiter.affinity)
             if picked is False:
                 waiter.future.set_exception(NoUpstream(waiter.model))
                 self._waiters.remove(waiter)

@@ -30,6 +30,40 @@ class RetrySettings(Model):
     )
 
 
+class EngineLoadSettings(Model):
+    """``engine_load = { poll_period = 0.5, stale_after = 3 }``: reading the engines' own load."""
+
+    poll_period: Duration = Field(
+        0.5, ge=0.1, le=10, description="seconds between two reads of citadeld's GET /v1/engines")
+    stale_after: Duration = Field(
+        3.0, gt=0, le=60,
+        description="a reading older than this is ignored: the policy counts outstanding requests")
+
+    @model_validator(mode="after")
+    def _stale_after_a_poll(self) -> EngineLoadSettings:
+        if self.stale_after <= self.poll_period:
+            raise ValueError(f"stale_after ({self.stale_after:g}s) must be longer than poll_period "
+                             f"({self.poll_period:g}s), or every reading would be stale")
+        return self
+
+
+class PrefixAffinity(Model):
+    """``prefix_affinity = { prefix_chars = 1024 }``: requests whose prompts start alike go to one
+    worker (while it is not overloaded), so that vLLM's prefix cache hits."""
+
+    prefix_chars: int = Field(
+        1024, ge=64, le=65536,
+        description="characters of the prompt (chat messages or prompt text) that are hashed; "
+                    "a shorter prompt gets no affinity")
+    max_waiting: int = Field(
+        0, ge=0,
+        description="the worker is overloaded when its engine has more requests waiting than this")
+    slack: int = Field(
+        4, ge=0,
+        description="the worker is overloaded when it has this many more requests in flight "
+                    "than the least busy one")
+
+
 class GatewaySettings(Model):
     """What the gateway process runs on, besides its listener, control socket and keys."""
 
@@ -66,6 +100,14 @@ class GatewaySettings(Model):
                                  "then 503 with Retry-After")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="the gateway process's own log level")
+    policy: Literal["least-outstanding", "engine-load"] = Field(
+        "least-outstanding",
+        description="how a worker is chosen: fewest requests in flight, or by the engines' own "
+                    "load as well (waiting requests, KV-cache use; docs/gateway.md)")
+    engine_load: EngineLoadSettings = Field(
+        default_factory=EngineLoadSettings, description="reading the engines' own load")
+    prefix_affinity: PrefixAffinity | None = Field(
+        None, description="send prompts that start alike to one worker (off when absent)")
 
     @field_validator("routes")
     @classmethod

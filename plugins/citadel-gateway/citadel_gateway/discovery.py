@@ -63,17 +63,17 @@ class ControlFeed:
         self._refresh_task: asyncio.Task[None] | None = None
         self._dirty = False
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The one session on citadeld's control socket (once ``start`` ran)."""
-        assert self._session is not None, "start the feed first"
-        return self._session
-
     def start(self) -> None:
         """Start following citadeld in the background."""
         connector = aiohttp.UnixConnector(path=str(self.socket_path))
         self._session = aiohttp.ClientSession(connector=connector, base_url="http://citadel")
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="control-feed")
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one HTTP session on the control socket (other readers of citadeld share it)."""
+        assert self._session is not None, "start() opens the session"
+        return self._session
 
     async def close(self) -> None:
         """Stop following and close the connection."""

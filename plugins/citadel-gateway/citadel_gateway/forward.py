@@ -47,6 +47,8 @@ class ProxiedRequest:
     strip_usage: bool
     #: The tokens charged to the key when the request was admitted, settled once its usage is known.
     estimate: int = 0
+    #: The digest of the prompt's prefix, for prefix affinity (None: no affinity).
+    affinity: bytes | None = None
 
     @property
     def key_name(self) -> str:
@@ -122,7 +124,7 @@ class Forwarder:
     async def _acquire(self, req: ProxiedRequest, tried: Iterable[str],
                        last: _AttemptFailed | None) -> Upstream:
         try:
-            return await self.balancer.acquire(req.model, tuple(tried))
+            return await self.balancer.acquire(req.model, tuple(tried), affinity=req.affinity)
         except NoUpstream:
             if last is not None:
                 raise self._give_up_error(last, "and no other worker serves it") from None

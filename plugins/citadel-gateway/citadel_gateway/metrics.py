@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .engine_load import EngineLoadFeed
+from .policy import RoutingPolicy
 from .upstreams import UpstreamTable
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -55,10 +57,52 @@ class _LiveState(Collector):
         yield ready
 
 
+class _Routing(Collector):
+    """What chose each request's worker, prefix affinity's outcomes, and the engines' load as read."""
+
+    def __init__(self, table: UpstreamTable, policy: RoutingPolicy, engines: EngineLoadFeed):
+        self.table = table
+        self.policy = policy
+        self.engines = engines
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Yield the families (runs in the scrape handler, on the loop)."""
+        chosen = CounterMetricFamily(
+            "gateway_routing_decisions", "Workers chosen, by what chose them (least-outstanding, "
+            "engine-load, prefix-affinity)", labels=["chosen_by", "policy"])
+        for by, count in sorted(self.policy.chosen_by.items()):
+            chosen.add_metric([by, self.policy.name], count)
+        yield chosen
+        affinity = CounterMetricFamily(
+            "gateway_prefix_affinity", "Requests with a long enough prompt prefix, by outcome: hit "
+            "(sent to their prefix's worker) or overloaded (that worker was; the policy chose)",
+            labels=["outcome"])
+        for outcome, count in sorted(self.policy.affinity_outcomes.items()):
+            affinity.add_metric([outcome], count)
+        yield affinity
+        age = GaugeMetricFamily("gateway_engine_reading_age_seconds",
+                                "Age of the last reading of each worker's engine load", labels=["worker"])
+        waiting = GaugeMetricFamily("gateway_engine_waiting_requests",
+                                    "The engine's waiting requests, as last read", labels=["worker"])
+        kv = GaugeMetricFamily("gateway_engine_kv_cache_usage",
+                               "The engine's KV-cache use (0 to 1), as last read", labels=["worker"])
+        now = self.engines.clock()
+        # Only workers the gateway knows: label values never come from an answer alone.
+        for name in sorted(set(self.engines.samples) & set(self.table.workers)):
+            sample = self.engines.samples[name]
+            age.add_metric([name], max(0.0, now - sample.at))
+            waiting.add_metric([name], sample.waiting)
+            kv.add_metric([name], sample.kv_cache_usage)
+        yield age
+        yield waiting
+        yield kv
+
+
 class GatewayMetrics:
     """Every metric of one gateway, in its own registry."""
 
-    def __init__(self, table: UpstreamTable, queue_depths: Callable[..., dict[str, int]]):
+    def __init__(self, table: UpstreamTable, queue_depths: Callable[..., dict[str, int]],
+                 policy: RoutingPolicy | None = None, engines: EngineLoadFeed | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("gateway_requests", "Requests answered, by model, key and status",
@@ -86,3 +130,5 @@ class GatewayMetrics:
         self.hold_timeouts = Counter("gateway_hold_timeouts",
                                      "Held requests answered 503 after hold_timeout", ["model"], registry=r)
         r.register(_LiveState(table, queue_depths))
+        if policy is not None and engines is not None:
+            r.register(_Routing(table, policy, engines))

@@ -10,6 +10,14 @@ A request may carry ``fake_delay`` (seconds before the answer),
 ``fake_chunks`` and ``fake_chunk_delay`` (for streams). ``GET /fake/stats``
 says what it received; ``POST /fake/health`` with ``{"ok": false}`` makes
 ``/health`` answer 503 (to drive readiness).
+
+``GET /metrics`` serves a page in vLLM's names (``vllm:num_requests_waiting``,
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``): running is the
+requests it holds now, waiting and KV-cache use are what ``POST /fake/load``
+with ``{"waiting": N, "kv_cache_usage": F}`` set (a pretend queue, to drive
+the gateway's engine-load routing). Run as a ``vllm`` service (through a
+shim that stands in for vLLM's interpreter, see ``gateway_harness``), it
+takes vLLM's argv and ignores the flags it does not know.
 """
 
 from __future__ import annotations
@@ -24,6 +32,23 @@ from aiohttp import web
 
 STATS = {"requests": 0, "completed": 0, "cancelled": 0, "last_body": None}
 HEALTH = {"ok": True}
+LOAD = {"waiting": 0.0, "kv_cache_usage": 0.0, "running": 0}
+
+METRICS_PAGE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="fake"}} {running}
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",model_name="fake"}} {waiting}
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",model_name="fake"}} {kv_cache_usage}
+# TYPE vllm:prompt_tokens counter
+vllm:prompt_tokens_total{{engine="0",model_name="fake"}} {requests}
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{{engine="0",model_name="fake"}} {requests}
+"""
 
 
 def _usage(body: dict) -> dict:
@@ -36,6 +61,13 @@ def make_app(worker: str, fail: str) -> web.Application:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         STATS["requests"] += 1
+        LOAD["running"] += 1
+        try:
+            return await answer_one(request)
+        finally:
+            LOAD["running"] -= 1
+
+    async def answer_one(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = json.loads(raw)
         STATS["last_body"] = body
@@ -102,12 +134,24 @@ def make_app(worker: str, fail: str) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({**STATS, "worker": worker})
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=METRICS_PAGE.format(**LOAD, requests=STATS["requests"]),
+                            content_type="text/plain")
+
+    async def set_load(request: web.Request) -> web.Response:
+        body = await request.json()
+        LOAD["waiting"] = float(body.get("waiting", 0))
+        LOAD["kv_cache_usage"] = float(body.get("kv_cache_usage", 0))
+        return web.json_response(LOAD)
+
     app = web.Application()
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, answer)
     app.router.add_get("/health", health)
     app.router.add_post("/fake/health", set_health)
     app.router.add_get("/fake/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/fake/load", set_load)
     return app
 
 
@@ -117,7 +161,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "0")))
     parser.add_argument("--fail", choices=["none", "reset", "503", "hang"], default="none")
-    args = parser.parse_args()
+    # vLLM's other flags (--model, --served-model-name, ...) when run as a vllm service: ignored.
+    args, _ = parser.parse_known_args()
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -32,6 +32,25 @@ def fake_service(name: str, port: int, fail: str = "none", period: float = 0.2) 
             f"health = {{ http = \"http://127.0.0.1:{port}/health\", period = {period} }}\n")
 
 
+def fake_vllm_python(folder: Path) -> Path:
+    """A shim to give a ``vllm`` service as its ``python``: it drops ``-m MODULE`` from vLLM's
+    argv and runs the FAKE upstream with the rest (``--port``, ``--host``; others ignored)."""
+    shim = folder / "fake-vllm-python"
+    shim.write_text(f"#!/bin/sh\n# A FAKE vLLM interpreter: runs the stand-in upstream.\n"
+                    f"shift 2\nexec {sys.executable} {FAKE} \"$@\"\n")
+    shim.chmod(0o755)
+    return shim
+
+
+def fake_vllm_service(name: str, port: int, python: Path, model_dir: Path, served: str,
+                      replicas: int = 1) -> str:
+    """A ``vllm`` service whose workers run the FAKE upstream (through ``fake_vllm_python``):
+    citadeld reads its ``/metrics`` as an engine's. No stall check: the fake's queue is pretend."""
+    return (f"[services.{name}]\ntype = \"vllm\"\nmodel = \"{model_dir}\"\npython = \"{python}\"\n"
+            f"served_model_name = \"{served}\"\nport = {port}\nreplicas = {replicas}\n"
+            f"stall_timeout = 0\nstop_timeout = 5\n")
+
+
 class Http:
     """A tiny blocking HTTP client for one host:port (http.client; one connection a call)."""
 
