@@ -29,8 +29,8 @@ ACTIVE_KEY = web.AppKey("active_requests", dict)
 #: Where a worker may act although it reads at most: its handler checks the worker's grant
 #: (``ServiceType.control_grants``) against what it asks for.
 GRANTED_PATHS = frozenset({"/v1/demand"})
-#: The request's key for the caller that came in on a grant (a ``Peer``).
-GRANTED_CALLER = "granted_caller"
+#: The request's key for the caller that came in on a grant.
+GRANTED_CALLER = web.RequestKey("granted_caller", Peer)
 
 _READ_METHODS = ("GET", "HEAD")
 
