@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -42,3 +42,16 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
         await asyncio.wait({task})  # let it finish cancelling, as wait_for does
         raise TimeoutError(f"not done within {timeout:g}s" if timeout is not None else "not done")
     return task.result()
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel each task (None is skipped) and wait until it has ended, so that nothing it
+    holds outlives the caller's close; its cancellation is not raised here."""
+    for task in tasks:
+        if task is None:
+            continue
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass

@@ -31,6 +31,7 @@ from ..events import EventBus, WorkerEvent
 from ..logs.masking import masker
 from ..plugins import PluginRegistry
 from ..states import WorkerState
+from ..waits import cancel_and_wait
 from ..worker.lifecycle import Worker
 from ..worker.restart_policy import RestartWait
 from .metrics import DemandCollector, DemandHistogram
@@ -82,13 +83,7 @@ class DemandController:
 
     async def close(self) -> None:
         """Stop the idle check and every start in progress."""
-        for task in [self._task, *self._bringing.values()]:
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await cancel_and_wait(self._task, *self._bringing.values())
 
     async def _watch_idle(self) -> None:
         while True:

@@ -25,6 +25,7 @@ import aiohttp
 
 from ..exporter.federation.validate import MAX_PAGE_BYTES
 from ..states import WorkerState
+from ..waits import cancel_and_wait
 from .vllm_metrics import EngineMetrics, read_engine
 
 if TYPE_CHECKING:
@@ -127,12 +128,7 @@ class EngineLoad:
 
     async def close(self) -> None:
         """Stop reading."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _read_while_asked(self) -> None:
         while time.monotonic() - self._asked < self.linger:

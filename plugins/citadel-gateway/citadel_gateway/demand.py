@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import aiohttp
 from loguru import logger
 
+from citadel_supervisor.waits import cancel_and_wait
+
 from .balancer import Balancer
 from .upstreams import UpstreamTable
 
@@ -45,12 +47,7 @@ class DemandClient:
 
     async def close(self) -> None:
         """Stop reporting."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def want(self, services: Iterable[str]) -> None:
         """Ask for ``services`` to be started or woken now (a request is held for them)."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import aiohttp
 from loguru import logger
 
+from citadel_supervisor.waits import cancel_and_wait
+
 from .upstreams import UpstreamTable
 
 _BACKOFF_FIRST = 0.1
@@ -77,13 +79,7 @@ class ControlFeed:
 
     async def close(self) -> None:
         """Stop following and close the connection."""
-        for task in (self._task, self._refresh_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await cancel_and_wait(self._task, self._refresh_task)
         if self._session is not None:
             await self._session.close()
 

@@ -28,6 +28,8 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
+from citadel_supervisor.waits import cancel_and_wait
+
 #: The largest answer read (bytes); a longer one is refused whole.
 MAX_ANSWER_BYTES = 1024 * 1024
 #: Entries read from one answer, at most.
@@ -113,12 +115,7 @@ class EngineLoadFeed:
 
     async def close(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _poll(self, session: aiohttp.ClientSession) -> None:
         delay = self.poll_period
