@@ -34,11 +34,12 @@ from .policy import ENGINE_LOAD, RoutingPolicy
 from .ratelimit import RateLimiter, estimate_tokens
 from .upstreams import UpstreamTable
 
+#: The request's body as it arrived (read once, by the checks).
+RAW_BODY = web.RequestKey("raw_body", bytes)
 #: Endpoints whose streams can carry a usage chunk (embeddings do not stream).
 _STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 _GATEWAY = web.AppKey("gateway", object)
-_LABELS = "citadel_gateway.labels"
 
 
 @dataclass
@@ -47,6 +48,9 @@ class _Labels:
 
     model: str = "-"
     key: str = "-"
+
+
+_LABELS = web.RequestKey("citadel_gateway.labels", _Labels)
 
 
 class Gateway:
@@ -133,7 +137,7 @@ class Gateway:
             raise errors.invalid_request(f"the body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise errors.invalid_request("the body must be a JSON object")
-        request["raw_body"] = body
+        request[RAW_BODY] = body
         return payload
 
     # -- handlers -----------------------------------------------------------
@@ -153,7 +157,7 @@ class Gateway:
             labels.model = model
             if key is not None and not key.allows(model):
                 raise errors.model_not_allowed(key.name, model)
-            estimate = estimate_tokens(request["raw_body"], payload)
+            estimate = estimate_tokens(request[RAW_BODY], payload)
             if key is not None:
                 limited = self.limiter.admit(key, estimate)
                 if limited is not None:
@@ -161,7 +165,7 @@ class Gateway:
                         f"the key {key.name!r} reached its limit of {limited.per_minute} "
                         f"{limited.limit} per minute; try again in {limited.retry_after}s",
                         limited.limit, limited.retry_after)
-            body: bytes = request["raw_body"]
+            body: bytes = request[RAW_BODY]
             stream = payload.get("stream") is True
             strip_usage = False
             if stream and self.settings.stream_usage and path in _STREAMING_PATHS:
