@@ -36,6 +36,7 @@ from .gpu.metrics import GpuReader
 from .gpu.plan import plan_gpus
 from .gpu.plugin import GpuPlugin
 from .logs.masking import masker
+from .loop_stalls import LoopStallReporter
 from .multinode.coordinator import MultinodePlugin
 from .plugins import PluginRegistry
 from .probes.runner import ProbeKinds
@@ -334,6 +335,8 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.add_signal_handler(signum, self._queue_signal, signum)
             watchdog = loop.create_task(self._watchdog())
+            stalls = LoopStallReporter()
+            stalls.start()
             starting = loop.create_task(self.supervisor.start())
             self.demand.start()
             starting.add_done_callback(lambda _: self.notifier.ready(self.supervisor.summary()))
@@ -349,6 +352,7 @@ class Daemon:
                 await self.supervisor.shutdown()
                 state_file.close()  # its last write (no worker left) is on disk
                 watchdog.cancel()
+                stalls.stop()
                 for closer in reversed(self._closers):
                     await closer()
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):

@@ -98,7 +98,8 @@ class RunningDaemon:
                                 check=False, capture_output=True, text=True, timeout=timeout, env=self.env)
         if check and result.returncode != 0:
             raise AssertionError(f"citadelctl {' '.join(args)} exited {result.returncode}:\n"
-                                 f"{result.stdout}\n{result.stderr}")
+                                 f"{result.stdout}\n{result.stderr}"
+                                 f"\n--- citadeld log ---\n{self.logs()[-4000:]}")
         return result
 
     def status(self) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "citadel_supervisor"
 #: Bottom to top. A module may import from its own layer and the ones below, never above.
 #: The most specific prefix names a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("", "states", "waits", "events", "testing", "systemd", "hookspecs", "logs")),
+    ("foundation", ("", "states", "waits", "events", "testing", "systemd", "hookspecs", "logs",
+                    "loop_stalls")),
     ("operating system", ("process",)),
     ("config", ("config",)),
     ("shared types", ("services.base", "probes.base", "worker.restart_policy", "worker.forensics", "control.route",
