@@ -101,7 +101,7 @@ def test_the_last_events_go_out_when_citadeld_stops(daemon_factory, receiver, cr
         """, env={"CREDENTIALS_DIRECTORY": str(credentials)})
     daemon.wait_state("sleeper", "running")
     assert daemon.stop() == 0
-    bodies = receiver.wait_for(lambda b: ("stopping", "stopped") in _transitions(b), timeout=5,
+    bodies = receiver.wait_for(lambda b: ("stopping", "stopped") in _transitions(b), timeout=30,
                                what="the stop's events")
     assert _transitions(bodies)[-2:] == [("running", "stopping"), ("stopping", "stopped")]
     _assert_no_asyncio_trouble(daemon.logs())

@@ -44,7 +44,7 @@ def test_a_receiver_that_does_not_answer_in_time_is_retried(receiver):
     _send(receiver, _config(receiver, timeout=0.3))
     # The hung request is recorded when the receiver finally answers it; the
     # retry was answered first.
-    receiver.wait_for(lambda bodies: len(bodies) == 2, timeout=5, what="the retry and the late one")
+    receiver.wait_for(lambda bodies: len(bodies) == 2, timeout=30, what="the retry and the late one")
     assert [r.headers["X-Citadel-Delivery"] for r in receiver.received()] == ["d0", "d0"]
 
 
