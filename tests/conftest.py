@@ -39,6 +39,16 @@ settings.load_profile("ci")
 BIN = Path(sys.executable).parent
 CITADELD = str(BIN / "citadeld")
 CITADELCTL = str(BIN / "citadelctl")
+#: A STAND-IN for vLLM's API server (not vLLM): see its docstring.
+VLLM_STANDIN = Path(__file__).parent / "fixtures" / "vllm_sleep_standin.py"
+
+
+def vllm_standin_python(folder: Path) -> Path:
+    """An executable for a ``vllm`` service's ``python`` that runs the vLLM STAND-IN."""
+    wrapper = folder / "standin-python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{VLLM_STANDIN}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 class RunningDaemon:

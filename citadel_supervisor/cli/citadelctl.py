@@ -482,6 +482,36 @@ def gpus(ctl: Ctl, as_json: bool) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _engine_row(e: dict[str, Any]) -> list[str]:
+    kv, queries, hits = e.get("kv_cache_usage"), e.get("prefix_cache_queries"), e.get("prefix_cache_hits")
+    hit_rate = f"{100 * hits / queries:.1f}%" if queries and hits is not None else "-"
+    return [str(e["worker"]), str(e["service"]), _count(e.get("waiting")), _count(e.get("running")),
+            "-" if kv is None else f"{100 * kv:.1f}%", hit_rate, f"{e['age']:.1f}s",
+            _mask(str(e.get("error") or "-"))]
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
+@click.pass_obj
+def engines(ctl: Ctl, as_json: bool) -> None:
+    """Each running vLLM worker's own load, read from its /metrics: requests waiting and
+    running, KV-cache use, prefix-cache hit rate (since the engine started), the reading's age."""
+    data = ctl.call("GET", "/engines")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data.get("engines"):
+        click.echo("no running vLLM worker")
+        return
+    header = ["WORKER", "SERVICE", "WAITING", "RUNNING", "KV-CACHE", "PREFIX-HITS", "AGE", "ERROR"]
+    for cells in _padded(header, [_engine_row(e) for e in data["engines"]]):
+        click.echo("  ".join(cells).rstrip())
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
 @click.pass_obj

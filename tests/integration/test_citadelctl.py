@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CITADELCTL, RunningDaemon
+from conftest import CITADELCTL, RunningDaemon, free_port, vllm_standin_python
 
 from citadel_supervisor.cli.citadelctl import status_table
 from citadel_supervisor.control.client import ControlClient
@@ -235,6 +235,33 @@ def test_health(daemon: RunningDaemon) -> None:
     result = daemon.ctl("health", check=False)
     assert result.stdout.startswith(f"status: {data['status']}")
     assert result.returncode == (1 if data["status"] == "fail" else 0)
+
+
+def test_engines_shows_each_vllm_workers_load(daemon_factory: Any, tmp_path: Path) -> None:
+    """``citadelctl engines`` reads a running vllm worker's /metrics through citadeld: the
+    worker is the vLLM STAND-IN serving a recorded vLLM page (2 running, 0 waiting, KV
+    cache 3.21%, 20480 of 48211 prefix tokens hit)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    d = daemon_factory(f"""
+        [services.chat]
+        type = "vllm"
+        model = "{model}"
+        python = "{vllm_standin_python(tmp_path)}"
+        port = {free_port()}
+        stall_timeout = 0
+        """, env={"STANDIN_LOG": str(tmp_path / "standin.log"),
+                  "STANDIN_METRICS": str(Path(__file__).parents[1] / "fixtures" / "vllm_metrics_standin.txt")})
+    d.wait_for(lambda s: s["chat"]["ready"], 30, "the stand-in to be ready")
+    data = json.loads(d.ctl("engines", "--json").stdout)
+    [engine] = data["engines"]
+    assert engine["worker"] == "chat" and engine["running"] == 2 and engine["waiting"] == 0
+    assert (engine["prefix_cache_queries"], engine["prefix_cache_hits"]) == (48211, 20480)
+    header, row = d.ctl("engines").stdout.splitlines()
+    assert header.split() == ["WORKER", "SERVICE", "WAITING", "RUNNING", "KV-CACHE", "PREFIX-HITS", "AGE", "ERROR"]
+    assert row.split()[:6] == ["chat", "chat", "0", "2", "3.2%", "42.5%"], row
+    d.ctl("stop", "chat", "--wait")
+    assert d.ctl("engines").stdout == "no running vLLM worker\n"
 
 
 def test_gpus_without_gpus(daemon: RunningDaemon) -> None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, wait_until
+from conftest import free_port, vllm_standin_python, wait_until
 
 from citadel_supervisor.control.client import ControlClient, ControlError
 
 PY = sys.executable
-STANDIN = Path(__file__).parent.parent / "fixtures" / "vllm_sleep_standin.py"
 SERVE = f'["{PY}", "-c", "import http.server as h; h.test(h.SimpleHTTPRequestHandler, port=int(__import__(\'os\').environ[\'PORT\']), bind=\'127.0.0.1\')"]'
 
 
@@ -139,13 +137,6 @@ def test_a_worker_cannot_ask_for_starts_without_a_grant(daemon_factory, tmp_path
     assert daemon.status()["lazy"]["state"] == "idle"
 
 
-def _standin_python(tmp_path: Path) -> Path:
-    wrapper = tmp_path / "standin-python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{PY}" "{STANDIN}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return wrapper
-
-
 def _standin_service(tmp_path: Path, port: int, level: int) -> str:
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
@@ -153,7 +144,7 @@ def _standin_service(tmp_path: Path, port: int, level: int) -> str:
         [services.chat]
         type = "vllm"
         model = "{model}"
-        python = "{_standin_python(tmp_path)}"
+        python = "{vllm_standin_python(tmp_path)}"
         port = {port}
         sleep = {level}
         stop_timeout = 5
