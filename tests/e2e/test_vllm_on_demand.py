@@ -1,5 +1,6 @@
 """Models on demand with real vLLM on the CPU: two models in a swap group of one behind the
-gateway, started by their first request, evicting each other, stopped when idle.
+gateway, started by their first request, evicting each other (the chat model starts twice:
+evicted, it starts again when wanted), stopped when idle.
 
 The chat model asks for ``sleep = 1``: the CPU build has no sleep mode, so citadeld says so
 once and stops and starts it instead (what this test checks; sleep itself is tested against
@@ -62,10 +63,8 @@ def test_two_real_models_take_turns_on_demand(daemon_factory):
     assert daemon.logs().count("stopped and started instead of sleeping") == 1
     assert status["chat"]["demand"]["sleep"] is False
 
-    # Idle for idle_stop: stopped into idle, and the next request starts it again.
+    # Idle for idle_stop: stopped into idle, not counted as a failure. (That a request
+    # starts an idle worker again is shown above: the chat model's second start.)
     idle = daemon.wait_state("chat", "idle", timeout=120)
     assert idle["demand"]["down_reason"] == "idle for 20s"
-    code, _, _, answer = ask(gw_port, "smollm2")
-    assert code == 200, answer
-    check_answer("smollm2", answer)
-    assert daemon.status()["chat"]["restarts"] == 0
+    assert idle["restarts"] == 0 and idle["last_failure"] is None
