@@ -30,6 +30,9 @@ class ProbeResult:
     #: Why a failed check failed, in one word an operator can act on, when the probe knows
     #: better than "liveness" (the vLLM ``progress`` probe says ``stalled``).
     cause: str | None = None
+    #: The worker served requests since the last check, as its own counters show (the vLLM
+    #: ``progress`` probe): use by clients that bypass the gateway keeps its idle clock at 0.
+    busy: bool = False
 
 
 class Probe(Protocol):

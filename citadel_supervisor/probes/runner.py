@@ -81,7 +81,8 @@ class ProbeRunner:
     """Runs one probe every ``period`` and reports threshold crossings.
 
     ``on_change(passing)`` is called when ``success_threshold`` successes or
-    ``failure_threshold`` failures in a row flip the probe's verdict.
+    ``failure_threshold`` failures in a row flip the probe's verdict. ``on_busy()``
+    is called on each result that says the worker served requests (``ProbeResult.busy``).
     """
 
     def __init__(
@@ -91,11 +92,13 @@ class ProbeRunner:
         config: ProbeConfig,
         on_change: Callable[[bool, ProbeResult], Awaitable[None] | None],
         initially_passing: bool = False,
+        on_busy: Callable[[], None] | None = None,
     ):
         self.role = role
         self.probe = probe
         self.config = config
         self.on_change = on_change
+        self.on_busy = on_busy
         self.passing = initially_passing
         self.last: ProbeResult | None = None
         self.failures_total = 0
@@ -121,6 +124,8 @@ class ProbeRunner:
         """Probe forever (until cancelled)."""
         while True:
             result = await self.probe.check()
+            if result.busy and self.on_busy is not None:
+                self.on_busy()
             if self.record(result):
                 outcome = self.on_change(self.passing, result)
                 if asyncio.iscoroutine(outcome):

@@ -322,12 +322,14 @@ class ProgressProbe:
                                "requests and tokens; stalls are not detected, /health alone counts",
                                self.name)
             return ProbeResult(True, "HTTP 200 (no engine counters)", duration)
+        busy = pending > 0 or self._tokens is not None and tokens != self._tokens
         if pending == 0 or tokens != self._tokens:
             self._tokens, self._progress_at = tokens, now
-            return ProbeResult(True, f"HTTP 200, {pending:g} pending", duration)
+            return ProbeResult(True, f"HTTP 200, {pending:g} pending", duration, busy=busy)
         still = now - self._progress_at
         if still < self.stall_after:
-            return ProbeResult(True, f"HTTP 200, {pending:g} pending, no token for {still:.0f}s", duration)
+            return ProbeResult(True, f"HTTP 200, {pending:g} pending, no token for {still:.0f}s", duration,
+                               busy=True)
         return ProbeResult(False, f"stalled: {pending:g} requests pending and no token processed for "
                                   f"{still:.0f}s while /health answers 200", duration, cause="stalled")
 

@@ -97,7 +97,7 @@ def read_engine(page: str) -> EngineMetrics:
         if found is None:
             continue
         try:
-            value = float(line.rsplit("}", 1)[-1].split()[0])
+            value = float(line[name_end:].rsplit("}", 1)[-1].split()[0])
         except (ValueError, IndexError):
             continue
         if math.isfinite(value):

@@ -643,7 +643,8 @@ class Worker:
                         (f"liveness probe failed {liveness.failure_threshold} times: {result.detail}",
                          result.cause or "liveness"))
 
-            runner = ProbeRunner("liveness", self._make_probe(liveness), liveness, on_liveness, True)
+            runner = ProbeRunner("liveness", self._make_probe(liveness), liveness, on_liveness, True,
+                                 on_busy=self.used)
             self.probes["liveness"] = runner
             tasks.append(asyncio.ensure_future(runner.run()))
         if readiness is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -64,6 +65,40 @@ def test_used_reports_keep_a_worker_up_and_never_start_one(daemon_factory):
     assert running["demand"]["in_flight"] == 1
     client.call("POST", "/v1/demand", {"used": {"kept": 0}})
     daemon.wait_state("kept", "idle", timeout=15)
+
+
+def test_requests_that_bypass_the_gateway_count_as_use(daemon_factory, tmp_path):
+    """No gateway reports here: the worker's own counters, read by its progress probe, show
+    the clients that talk to its port directly. They keep it up past idle_stop (ten probe
+    periods); once they stop, it idles out."""
+    port, model = free_port(), tmp_path / "model"
+    model.mkdir()
+    daemon = daemon_factory(f"""
+        [services.chat]
+        type = "vllm"
+        model = "{model}"
+        python = "{vllm_standin_python(tmp_path)}"
+        port = {port}
+        start = "on-demand"
+        idle_stop = 5
+        stall_timeout = 2
+        stop_timeout = 5
+        """, env={"STANDIN_LOG": str(tmp_path / "standin.log")})
+    _client(daemon).call("POST", "/v1/demand", {"start": ["chat"]})
+    running = daemon.wait_state("chat", "running", timeout=30)
+    assert running["probes"]["liveness"]["kind"] == "progress"
+    pid = running["pid"]
+    clients_until = time.monotonic() + 12  # more than twice idle_stop
+    while time.monotonic() < clients_until:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        time.sleep(0.2)  # a client's pace between its requests, not a wait for a condition
+    kept = daemon.status()["chat"]
+    assert kept["state"] == "running" and kept["pid"] == pid, kept
+    idle = daemon.wait_state("chat", "idle", timeout=30)
+    assert idle["demand"]["down_reason"] == "idle for 5s" and idle["last_failure"] is None
 
 
 def test_an_operators_stop_is_not_undone_by_demand(daemon_factory):

@@ -46,6 +46,12 @@ def test_the_v0_names_give_the_same_meanings() -> None:
     assert read_engine(V0_PAGE) == EngineMetrics(2.0, 5.0, 0.25, 40.0, 100.0)
 
 
+def test_series_without_labels_are_read_too() -> None:
+    page = "vllm:num_requests_waiting 3\nvllm:generation_tokens_total 7 1700000000000\n"
+    engine = read_engine(page)
+    assert (engine.requests_waiting, engine.generation_tokens) == (3.0, 7.0)
+
+
 def test_a_release_serving_both_names_is_not_counted_twice() -> None:
     both = 'vllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:gpu_cache_usage_perc{engine="0"} 0.5\n'
     assert read_engine(both).kv_cache_usage == 0.5
@@ -83,6 +89,21 @@ def test_tokens_moving_or_nothing_pending_is_never_a_stall() -> None:
     idle = probe(stall_after=10.0)
     for t in range(0, 100, 5):  # an idle engine: flat counters, nothing pending
         assert idle._judge(EngineMetrics(0.0, 0.0, 0.0, 40.0, 100.0), now=float(t), duration=0.0).ok
+
+
+def test_the_probe_says_busy_when_the_engine_served_requests_since_the_last_check() -> None:
+    """What marks use by clients that bypass the gateway: work pending, or tokens moved."""
+    p = probe(stall_after=60.0)
+    flat = EngineMetrics(0.0, 0.0, 0.0, 40.0, 100.0)
+    assert not p._judge(flat, now=0.0, duration=0.0).busy  # the first reading: no baseline
+    assert not p._judge(flat, now=5.0, duration=0.0).busy  # nothing happened since
+    moved = EngineMetrics(0.0, 0.0, 0.0, 41.0, 100.0)
+    assert p._judge(moved, now=10.0, duration=0.0).busy  # served and done between two checks
+    assert not p._judge(moved, now=15.0, duration=0.0).busy
+    pending = EngineMetrics(0.0, 1.0, 0.0, 41.0, 100.0)
+    assert p._judge(pending, now=20.0, duration=0.0).busy  # queued, nothing generated yet
+    assert p._judge(pending, now=30.0, duration=0.0).busy  # still queued (not stalled yet)
+    assert not probe()._judge(read_engine(""), now=0.0, duration=0.0).busy  # no counters: no claim
 
 
 def test_a_page_without_known_names_falls_back_to_health() -> None:
