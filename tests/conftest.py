@@ -51,6 +51,16 @@ def vllm_standin_python(folder: Path) -> Path:
     return wrapper
 
 
+def vllm_standin_service(folder: Path, port: int, extra: str = "") -> str:
+    """The config of a ``vllm`` service ``chat`` run by the vLLM STAND-IN on ``port`` (its
+    model folder and interpreter under ``folder``); ``extra``: more keys, one per line."""
+    model = folder / "model"
+    model.mkdir(exist_ok=True)
+    keys = "\n".join(line.strip() for line in extra.strip().splitlines())
+    return (f'[services.chat]\ntype = "vllm"\nmodel = "{model}"\n'
+            f'python = "{vllm_standin_python(folder)}"\nport = {port}\nstop_timeout = 5\n{keys}\n')
+
+
 class RunningDaemon:
     """A citadeld subprocess on a config in a temp folder."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CITADELCTL, RunningDaemon, free_port, vllm_standin_python
+from conftest import CITADELCTL, RunningDaemon, free_port, vllm_standin_service
 
 from citadel_supervisor.cli.citadelctl import status_table
 from citadel_supervisor.control.client import ControlClient
@@ -241,17 +241,9 @@ def test_engines_shows_each_vllm_workers_load(daemon_factory: Any, tmp_path: Pat
     """``citadelctl engines`` reads a running vllm worker's /metrics through citadeld: the
     worker is the vLLM STAND-IN serving a recorded vLLM page (2 running, 0 waiting, KV
     cache 3.21%, 20480 of 48211 prefix tokens hit)."""
-    model = tmp_path / "model"
-    model.mkdir()
-    d = daemon_factory(f"""
-        [services.chat]
-        type = "vllm"
-        model = "{model}"
-        python = "{vllm_standin_python(tmp_path)}"
-        port = {free_port()}
-        stall_timeout = 0
-        """, env={"STANDIN_LOG": str(tmp_path / "standin.log"),
-                  "STANDIN_METRICS": str(Path(__file__).parents[1] / "fixtures" / "vllm_metrics_standin.txt")})
+    page = Path(__file__).parents[1] / "fixtures" / "vllm_metrics_standin.txt"
+    d = daemon_factory(vllm_standin_service(tmp_path, free_port(), "stall_timeout = 0"),
+                       env={"STANDIN_LOG": str(tmp_path / "standin.log"), "STANDIN_METRICS": str(page)})
     d.wait_for(lambda s: s["chat"]["ready"], 30, "the stand-in to be ready")
     data = json.loads(d.ctl("engines", "--json").stdout)
     [engine] = data["engines"]

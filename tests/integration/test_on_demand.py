@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, vllm_standin_python, wait_until
+from conftest import free_port, vllm_standin_service, wait_until
 
 from citadel_supervisor.control.client import ControlClient, ControlError
 
@@ -71,19 +71,12 @@ def test_requests_that_bypass_the_gateway_count_as_use(daemon_factory, tmp_path)
     """No gateway reports here: the worker's own counters, read by its progress probe, show
     the clients that talk to its port directly. They keep it up past idle_stop (ten probe
     periods); once they stop, it idles out."""
-    port, model = free_port(), tmp_path / "model"
-    model.mkdir()
-    daemon = daemon_factory(f"""
-        [services.chat]
-        type = "vllm"
-        model = "{model}"
-        python = "{vllm_standin_python(tmp_path)}"
-        port = {port}
+    port = free_port()
+    daemon = daemon_factory(vllm_standin_service(tmp_path, port, """
         start = "on-demand"
         idle_stop = 5
         stall_timeout = 2
-        stop_timeout = 5
-        """, env={"STANDIN_LOG": str(tmp_path / "standin.log")})
+        """), env={"STANDIN_LOG": str(tmp_path / "standin.log")})
     _client(daemon).call("POST", "/v1/demand", {"start": ["chat"]})
     running = daemon.wait_state("chat", "running", timeout=30)
     assert running["probes"]["liveness"]["kind"] == "progress"
@@ -172,27 +165,14 @@ def test_a_worker_cannot_ask_for_starts_without_a_grant(daemon_factory, tmp_path
     assert daemon.status()["lazy"]["state"] == "idle"
 
 
-def _standin_service(tmp_path: Path, port: int, level: int) -> str:
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    return f"""
-        [services.chat]
-        type = "vllm"
-        model = "{model}"
-        python = "{vllm_standin_python(tmp_path)}"
-        port = {port}
-        sleep = {level}
-        stop_timeout = 5
-        """
-
-
 def _requests(log: Path) -> list[dict]:
     return [r for r in map(json.loads, log.read_text().splitlines()) if "path" in r]
 
 
 def test_sleep_and_wake_at_level_1_through_the_standin(daemon_factory, tmp_path):
     log = tmp_path / "standin.log"
-    daemon = daemon_factory(_standin_service(tmp_path, free_port(), 1), env={"STANDIN_LOG": str(log)})
+    daemon = daemon_factory(vllm_standin_service(tmp_path, free_port(), "sleep = 1"),
+                            env={"STANDIN_LOG": str(log)})
     running = daemon.wait_state("chat", "running", timeout=30)
     first = json.loads(log.read_text().splitlines()[0])
     assert first["dev_mode"] is True and "--enable-sleep-mode" in first["argv"]
@@ -212,7 +192,8 @@ def test_sleep_and_wake_at_level_1_through_the_standin(daemon_factory, tmp_path)
 
 def test_waking_from_level_2_reloads_the_weights(daemon_factory, tmp_path):
     log = tmp_path / "standin.log"
-    daemon = daemon_factory(_standin_service(tmp_path, free_port(), 2), env={"STANDIN_LOG": str(log)})
+    daemon = daemon_factory(vllm_standin_service(tmp_path, free_port(), "sleep = 2"),
+                            env={"STANDIN_LOG": str(log)})
     daemon.wait_state("chat", "running", timeout=30)
     daemon.ctl("sleep", "chat", "--wait")
     before = len(_requests(log))
@@ -226,7 +207,7 @@ def test_waking_from_level_2_reloads_the_weights(daemon_factory, tmp_path):
 
 def test_a_build_without_sleep_mode_is_stopped_and_started_instead(daemon_factory, tmp_path):
     log = tmp_path / "standin.log"
-    daemon = daemon_factory(_standin_service(tmp_path, free_port(), 1),
+    daemon = daemon_factory(vllm_standin_service(tmp_path, free_port(), "sleep = 1"),
                             env={"STANDIN_LOG": str(log), "STANDIN_NO_SLEEP": "1"})
     daemon.wait_state("chat", "running", timeout=30)
     first = json.loads(log.read_text().splitlines()[0])
@@ -240,7 +221,8 @@ def test_a_build_without_sleep_mode_is_stopped_and_started_instead(daemon_factor
 
 
 def test_the_sleep_endpoints_need_a_loopback_host(daemon_factory, tmp_path):
-    daemon = daemon_factory(_standin_service(tmp_path, free_port(), 1) + 'host = "0.0.0.0"\n', start=False)
+    daemon = daemon_factory(vllm_standin_service(tmp_path, free_port(), 'sleep = 1\nhost = "0.0.0.0"'),
+                            start=False)
     done = __import__("subprocess").run([str(Path(PY).parent / "citadeld"), "--check", "--config",
                                          str(daemon.config)], capture_output=True, text=True, check=False)
     assert done.returncode != 0
